@@ -1,0 +1,266 @@
+"""``LARS``: the optimizer wrapper users construct."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from torchlars._functional import lars_scale_gradients_
+
+__all__ = ["LARS", "exclude_bias_and_norm"]
+
+
+class LARS(Optimizer):
+    r"""Layer-wise Adaptive Rate Scaling around any ``torch.optim`` optimizer.
+
+    Implements LARS from `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_ (You, Gitman & Ginsburg, 2017), as a drop-in
+    successor of torchlars 0.1.2. Before every step of the wrapped ``optimizer``, each
+    parameter :math:`w` with gradient :math:`g` in a group with weight decay :math:`\lambda`
+    and learning rate :math:`\gamma` gets
+
+    .. math::
+        r &= \begin{cases}
+            \eta \, \|w\|_2 / (\|g\|_2 + \lambda \|w\|_2 + \epsilon)
+                & \text{if } \|w\|_2 > 0 \text{ and } \|g\|_2 > 0 \\
+            1 & \text{otherwise}
+        \end{cases} \\
+        r &\leftarrow \min(r / \gamma, 1) \qquad \text{only if clip (LARC)} \\
+        g &\leftarrow (g + \lambda w) \, r
+
+    where :math:`\eta` is ``trust_coef``. The wrapped optimizer then steps on the scaled
+    gradient with its weight decay set to 0 (the decay is already in :math:`g`); its learning
+    rate, momentum and state apply as usual. Groups with ``"lars_exclude": True`` are left
+    to the wrapped optimizer untouched (see :func:`exclude_bias_and_norm`).
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects, so
+    LR schedulers, hooks and state dicts behave as with the wrapped optimizer alone. The step
+    never synchronises with the device and traces under ``torch.compile``.
+
+    Args:
+        optimizer: the optimizer to wrap, e.g. ``torch.optim.SGD(model.parameters(), lr=0.1)``.
+        eps: added to the denominator of the trust ratio (default: 1e-8).
+        trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
+        clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does
+            (default: False).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        eps: float = 1e-8,
+        trust_coef: float = 0.001,
+        *,
+        clip: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "LARS: `optimizer` must be a torch.optim.Optimizer, e.g. "
+                f"LARS(torch.optim.SGD(params, lr=0.1)), but got {torch.typename(optimizer)}"
+            )
+        if isinstance(optimizer, LARS):
+            raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
+        _check_settings(eps=eps, trust_coef=trust_coef, clip=clip)
+        self.optim = optimizer
+        self.eps = float(eps)
+        self.trust_coef = float(trust_coef)
+        self.clip = bool(clip)
+        # What Optimizer.__init__ would set up, minus the param groups, which are the base's.
+        self.__setstate__(self.__getstate__())
+
+    # The wrapped optimizer's own objects, so that schedulers and user code see one truth.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optim.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optim.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        return self.optim.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.optim.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optim.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optim.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "optim": self.optim,
+            "eps": self.eps,
+            "trust_coef": self.trust_coef,
+            "clip": self.clip,
+        }
+
+    def __repr__(self) -> str:
+        base = "\n".join("    " + line for line in repr(self.optim).splitlines())
+        return (
+            f"LARS(eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip},\n"
+            f"  optimizer=\n{base}\n)"
+        )
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Scale the gradients, then step the wrapped optimizer.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first, so the
+                gradients it produces are the ones that get scaled.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        adapted_groups = [group for group in self.param_groups if not group.get("lars_exclude", False)]
+        with torch.no_grad():
+            self._scale_gradients(adapted_groups)
+        weight_decays = [group.get("weight_decay") for group in adapted_groups]
+        for group in adapted_groups:
+            if "weight_decay" in group:
+                group["weight_decay"] = 0.0
+        try:
+            self._step_base()
+        finally:
+            for group, weight_decay in zip(adapted_groups, weight_decays):
+                if weight_decay is not None:
+                    group["weight_decay"] = weight_decay
+        return loss
+
+    def _step_base(self) -> None:
+        if not torch.compiler.is_compiling():
+            self.optim.step()
+            return
+        # Optimizer.step graph-breaks around the update on purpose (torch.optim.optimizer's
+        # _use_grad), which would split the LARS step in two graphs. Under torch.compile LARS
+        # calls the undecorated step inside the same graph, with the grad mode that decorator
+        # would set and the base's step hooks, so the numbers are identical.
+        base_step = inspect.unwrap(type(self.optim).step)
+        for pre_hook in (*_global_optimizer_pre_hooks.values(), *self.optim._optimizer_step_pre_hooks.values()):
+            pre_hook(self.optim, (), {})
+        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
+            base_step(self.optim)
+        for post_hook in (*self.optim._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+            post_hook(self.optim, (), {})
+
+    def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> None:
+        gathered = [_params_with_dense_grads(group, self.param_groups) for group in adapted_groups]
+        for group, (params, grads) in zip(adapted_groups, gathered):
+            lars_scale_gradients_(
+                params,
+                grads,
+                weight_decay=group.get("weight_decay", 0.0),
+                lr=group["lr"],
+                eps=self.eps,
+                trust_coef=self.trust_coef,
+                clip=self.clip,
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optim.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, plus LARS's settings under ``"lars"``.
+
+        A plain optimizer of the wrapped type loads it as its own (it ignores ``"lars"``).
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.optim.state_dict()
+        state_dict["lars"] = {"eps": self.eps, "trust_coef": self.trust_coef, "clip": self.clip}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``LARS`` or of a plain optimizer of the wrapped type."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        state_dict = dict(state_dict)
+        settings = state_dict.pop("lars", None)
+        if settings is not None:
+            _check_settings(**settings)
+        self.optim.load_state_dict(state_dict)
+        if settings is not None:
+            self.eps = float(settings["eps"])
+            self.trust_coef = float(settings["trust_coef"])
+            self.clip = bool(settings["clip"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
+    if not eps >= 0.0:
+        raise ValueError(f"LARS: `eps` must be non-negative, got {eps}")
+    if not trust_coef >= 0.0:
+        raise ValueError(f"LARS: `trust_coef` must be non-negative, got {trust_coef}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"LARS: `clip` must be a bool, got {torch.typename(clip)}")
+
+
+def _params_with_dense_grads(
+    group: dict[str, Any], param_groups: list[dict[str, Any]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params, grads = [], []
+    for param in group["params"]:
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            group_index = next(i for i, g in enumerate(param_groups) if g is group)
+            param_index = next(i for i, p in enumerate(group["params"]) if p is param)
+            raise RuntimeError(
+                f"LARS does not support sparse gradients: parameter {param_index} of param group "
+                f"{group_index} has one. Put it in a group with \"lars_exclude\": True, or use "
+                "a dense gradient (e.g. nn.Embedding(sparse=False))."
+            )
+        params.append(param)
+        grads.append(param.grad)
+    return params, grads
+
+
+def exclude_bias_and_norm(
+    model: nn.Module | Iterable[torch.nn.Parameter], weight_decay: float
+) -> list[dict[str, Any]]:
+    """Param groups that keep biases and normalization weights out of LARS.
+
+    Every trainable parameter with ``ndim <= 1`` (biases, BatchNorm/LayerNorm scales and
+    shifts) goes into a group with ``weight_decay=0`` and ``"lars_exclude": True``; all
+    others into a group with the given ``weight_decay``. Large-batch recipes need this: a
+    zero-initialised bias would otherwise take the base learning rate unscaled.
+
+    Example::
+
+        base = torch.optim.SGD(exclude_bias_and_norm(model, 5e-4), lr=0.1, momentum=0.9)
+        optimizer = LARS(base)
+    """
+    parameters = model.parameters() if isinstance(model, nn.Module) else model
+    adapted, excluded = [], []
+    for param in parameters:
+        if param.requires_grad:
+            (excluded if param.ndim <= 1 else adapted).append(param)
+    groups = []
+    if adapted:
+        groups.append({"params": adapted, "weight_decay": weight_decay})
+    if excluded:
+        groups.append({"params": excluded, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
