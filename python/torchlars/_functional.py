@@ -79,10 +79,7 @@ def _multi_tensor_lars_scale_gradients_(
 ) -> None:
     grouped = _group_tensors_by_device_and_dtype([params, grads])
     for (_, dtype), ((device_params, device_grads), _) in grouped.items():
-        # Half-precision norms are accumulated (and returned) in fp32.
-        norm_dtype = torch.float32 if dtype in _HALF_TYPES else None
-        param_norms = torch.stack(torch._foreach_norm(device_params, 2, dtype=norm_dtype))
-        grad_norms = torch.stack(torch._foreach_norm(device_grads, 2, dtype=norm_dtype))
+        param_norms, grad_norms = _param_and_grad_norms(device_params, device_grads, dtype)
         ratios = trust_ratio(
             param_norms,
             grad_norms,
@@ -95,3 +92,12 @@ def _multi_tensor_lars_scale_gradients_(
         if weight_decay != 0:
             torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
         torch._foreach_mul_(device_grads, ratios.to(dtype).unbind(0))
+
+
+def _param_and_grad_norms(params: list[Tensor], grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The L2 norms of ``params`` and of ``grads`` (all of ``dtype``), each stacked into one tensor."""
+    # Half-precision norms are accumulated (and returned) in fp32.
+    norm_dtype = torch.float32 if dtype in _HALF_TYPES else None
+    param_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
+    grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+    return param_norms, grad_norms
