@@ -1,0 +1,53 @@
+"""A plain per-parameter LARS, written from the formula in SPEC.md, for tests to compare with."""
+
+import math
+
+import torch
+
+
+def reference_scaled_grad(param, grad, *, weight_decay, lr, eps, trust_coef, clip):
+    param_norm = param.double().norm().item()
+    grad_norm = grad.double().norm().item()
+    if param_norm > 0 and grad_norm > 0:
+        ratio = trust_coef * param_norm / (grad_norm + weight_decay * param_norm + eps)
+    else:
+        ratio = 1.0
+    if clip:
+        ratio = min(ratio / float(lr), 1.0)
+    assert math.isfinite(ratio)
+    return ((grad.double() + weight_decay * param.double()) * ratio).to(grad.dtype)
+
+
+class ReferenceLARS:
+    """LARS applied parameter by parameter, then a base optimizer built without weight decay."""
+
+    def __init__(self, base_cls, groups, base_kwargs, *, eps=1e-8, trust_coef=1e-3, clip=False):
+        self.groups = groups
+        self.eps, self.trust_coef, self.clip = eps, trust_coef, clip
+        base_groups = []
+        for group in groups:
+            base_group = dict(group)
+            if not group.get("lars_exclude", False):
+                base_group["weight_decay"] = 0.0
+            base_groups.append(base_group)
+        self.base = base_cls(base_groups, **base_kwargs)
+        self.base_kwargs = base_kwargs
+
+    def step(self):
+        for group, base_group in zip(self.groups, self.base.param_groups):
+            if group.get("lars_exclude", False):
+                continue
+            weight_decay = group.get("weight_decay", self.base_kwargs.get("weight_decay", 0.0))
+            for param in base_group["params"]:
+                if param.grad is None:
+                    continue
+                param.grad = reference_scaled_grad(
+                    param.detach(),
+                    param.grad,
+                    weight_decay=weight_decay,
+                    lr=base_group["lr"],
+                    eps=self.eps,
+                    trust_coef=self.trust_coef,
+                    clip=self.clip,
+                )
+        self.base.step()

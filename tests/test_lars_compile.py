@@ -1,0 +1,105 @@
+"""LARS under torch.compile: one graph, eager's numbers, no recompilation when the LR changes."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from torchlars import LARS
+
+BASES = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=1e-3),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def make_model():
+    return torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+
+
+def set_grads(model, step):
+    generator = torch.Generator().manual_seed(step)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_compiled_step_is_one_graph_with_eager_numbers(name, clip):
+    model = make_model()
+    eager_model = copy.deepcopy(model)
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    optimizer = LARS(BASES[name]([{"params": weights}, {"params": biases, "lars_exclude": True}], torch.tensor(0.01)),
+                     trust_coef=0.02, clip=clip)
+    eager_weights = [p for p in eager_model.parameters() if p.ndim > 1]
+    eager_biases = [p for p in eager_model.parameters() if p.ndim == 1]
+    eager = LARS(BASES[name]([{"params": eager_weights}, {"params": eager_biases, "lars_exclude": True}],
+                             torch.tensor(0.01)), trust_coef=0.02, clip=clip)
+
+    @torch.compile(fullgraph=True)  # raises on any graph break
+    def compiled_step():
+        optimizer.step()
+
+    for step in range(4):
+        set_grads(model, step)
+        set_grads(eager_model, step)
+        compiled_step()
+        eager.step()
+        for group, eager_group in zip(optimizer.param_groups, eager.param_groups):
+            group["lr"].mul_(0.5)  # what a scheduler does to a tensor lr
+            eager_group["lr"].mul_(0.5)
+    for param, expected in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+    assert optimizer.param_groups[0]["weight_decay"] == eager.param_groups[0]["weight_decay"]
+    # The first call compiles; the second recompiles once the base has created its state.
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_scheduler_changing_a_tensor_lr_causes_no_recompilation():
+    model = make_model()
+    optimizer = LARS(torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-4),
+                     clip=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
+
+    @torch.compile  # LR schedulers wrap optimizer.step with code dynamo skips on purpose
+    def step():
+        optimizer.step()
+
+    lrs = []
+    graphs_after_second_step = None
+    for index in range(6):
+        set_grads(model, index)
+        step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"].item())
+        if index == 1:
+            graphs_after_second_step = counters["stats"]["unique_graphs"]
+    assert len(set(lrs)) == len(lrs)
+    assert graphs_after_second_step >= 1
+    assert counters["stats"]["unique_graphs"] == graphs_after_second_step
+
+
+def test_other_bases_run_under_compile():
+    model = make_model()
+    eager_model = copy.deepcopy(model)
+    optimizer = LARS(torch.optim.RMSprop(model.parameters(), lr=0.01, weight_decay=1e-3))
+    eager = LARS(torch.optim.RMSprop(eager_model.parameters(), lr=0.01, weight_decay=1e-3))
+    compiled_step = torch.compile(optimizer.step)
+    for step in range(2):
+        set_grads(model, step)
+        set_grads(eager_model, step)
+        compiled_step()
+        eager.step()
+    for param, expected in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
