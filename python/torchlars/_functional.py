@@ -80,7 +80,9 @@ def _multi_tensor_lars_scale_gradients_(
     grouped = _group_tensors_by_device_and_dtype([params, grads])
     for (_, dtype), ((device_params, device_grads), _) in grouped.items():
         param_norms, grad_norms = _param_and_grad_norms(device_params, device_grads, dtype)
-        ratios = trust_ratio(
+        _scale_by_trust_ratio_(
+            device_params,
+            device_grads,
             param_norms,
             grad_norms,
             weight_decay=weight_decay,
@@ -89,9 +91,37 @@ def _multi_tensor_lars_scale_gradients_(
             trust_coef=trust_coef,
             clip=clip,
         )
-        if weight_decay != 0:
-            torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
-        torch._foreach_mul_(device_grads, ratios.to(dtype).unbind(0))
+
+
+def _scale_by_trust_ratio_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    param_norms: Tensor,
+    grad_norms: Tensor,
+    *,
+    weight_decay: float,
+    lr: float | Tensor,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> None:
+    r""":math:`g \leftarrow (g + \lambda w) \cdot r` for tensors of one device and dtype, given the norms.
+
+    The norms are those of the whole parameters and gradients, which are not those of
+    ``params`` and ``grads`` when these are the local shards of DTensors (``_distributed``).
+    """
+    ratios = trust_ratio(
+        param_norms,
+        grad_norms,
+        weight_decay=weight_decay,
+        lr=lr,
+        eps=eps,
+        trust_coef=trust_coef,
+        clip=clip,
+    )
+    if weight_decay != 0:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(grads, ratios.to(grads[0].dtype).unbind(0))
 
 
 def _param_and_grad_norms(params: list[Tensor], grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:

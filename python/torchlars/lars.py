@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from torchlars._distributed import lars_scale_dtensor_gradients_, sharding_problem, split_dtensors
 from torchlars._functional import lars_scale_gradients_
 
 __all__ = ["LARS", "exclude_bias_and_norm"]
@@ -157,8 +158,9 @@ class LARS(Optimizer):
             post_hook(self.optim, (), {})
 
     def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> None:
-        gathered = [_params_with_dense_grads(group, self.param_groups) for group in adapted_groups]
-        for group, (params, grads) in zip(adapted_groups, gathered):
+        # Per group, (plain params, grads) and (DTensor params, grads).
+        gathered = [split_dtensors(*_params_with_dense_grads(group, self.param_groups)) for group in adapted_groups]
+        for group, ((params, grads), _) in zip(adapted_groups, gathered):
             lars_scale_gradients_(
                 params,
                 grads,
@@ -168,6 +170,16 @@ class LARS(Optimizer):
                 trust_coef=self.trust_coef,
                 clip=self.clip,
             )
+        # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
+        lars_scale_dtensor_gradients_(
+            [params for _, (params, _) in gathered],
+            [grads for _, (_, grads) in gathered],
+            weight_decays=[group.get("weight_decay", 0.0) for group in adapted_groups],
+            lrs=[group["lr"] for group in adapted_groups],
+            eps=self.eps,
+            trust_coef=self.trust_coef,
+            clip=self.clip,
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optim.zero_grad(set_to_none=set_to_none)
@@ -226,16 +238,23 @@ def _params_with_dense_grads(
         if param.grad is None:
             continue
         if param.grad.is_sparse:
-            group_index = next(i for i, g in enumerate(param_groups) if g is group)
-            param_index = next(i for i, p in enumerate(group["params"]) if p is param)
             raise RuntimeError(
-                f"LARS does not support sparse gradients: parameter {param_index} of param group "
-                f"{group_index} has one. Put it in a group with \"lars_exclude\": True, or use "
+                f"LARS does not support sparse gradients: {_position(param, group, param_groups)} "
+                "has one. Put it in a group with \"lars_exclude\": True, or use "
                 "a dense gradient (e.g. nn.Embedding(sparse=False))."
             )
+        problem = sharding_problem(param)
+        if problem is not None:
+            raise RuntimeError(f"LARS cannot scale {_position(param, group, param_groups)}: {problem}")
         params.append(param)
         grads.append(param.grad)
     return params, grads
+
+
+def _position(param: torch.Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]]) -> str:
+    group_index = next(i for i, g in enumerate(param_groups) if g is group)
+    param_index = next(i for i, p in enumerate(group["params"]) if p is param)
+    return f"parameter {param_index} of param group {group_index}"
 
 
 def exclude_bias_and_norm(

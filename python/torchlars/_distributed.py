@@ -1,0 +1,154 @@
+"""LARS on DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): whole-layer norms.
+
+A DTensor's local tensor is only a piece of its parameter, but the trust ratio needs the norm
+of the whole parameter and of its whole gradient. Each rank takes the sums of squares of its
+own pieces, the sums of every layer of every param group on a device mesh are reduced in one
+``all_reduce``, and each rank then scales its own pieces of the gradients with
+:func:`torchlars._functional._scale_by_trust_ratio_`. One collective per mesh and step, however
+many layers, and no host synchronisation.
+
+Along a mesh dimension a parameter is either cut into pieces (``Shard``, and the strided shards
+of FSDP2 with tensor parallelism), whose sums of squares add up, or copied (``Replicate``), in
+which case only the rank at coordinate 0 of that dimension contributes, so that nothing is
+counted twice. This covers FSDP2, HSDP's ``(Replicate(), Shard(0))`` and 2-D FSDP + TP meshes.
+``Partial`` placements (unreduced sums) are refused: the norm of a sum is not the sum of norms.
+
+Plain tensors (DDP, single device) never come here: their local norms are already whole.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from torchlars._functional import _param_and_grad_norms, _scale_by_trust_ratio_
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["is_dtensor", "lars_scale_dtensor_gradients_", "sharding_problem", "split_dtensors"]
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    # torch.distributed.tensor is slow to import, so torchlars does not; until something
+    # imports it, no tensor is a DTensor.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
+
+
+def sharding_problem(param: Tensor) -> str | None:
+    """Why LARS cannot scale ``param.grad`` (DTensors), or None when it can."""
+    grad = param.grad
+    if not is_dtensor(param) and not is_dtensor(grad):
+        return None
+    if not (is_dtensor(param) and is_dtensor(grad)):
+        return "the parameter and its gradient must both be DTensors, or both plain tensors"
+    for name, tensor in (("parameter", param), ("gradient", grad)):
+        for placement in tensor.placements:
+            if placement.is_partial():
+                return (
+                    f"its {name} is Partial ({placement}), a sum not reduced yet, and LARS needs the "
+                    f"norm of the whole; reduce it first, e.g. grad.redistribute(placements={list(param.placements)})"
+                )
+    if grad.device_mesh != param.device_mesh or grad.placements != param.placements:
+        return (
+            f"its gradient is placed as {grad.placements} on {grad.device_mesh} but the parameter "
+            f"as {param.placements} on {param.device_mesh}; redistribute the gradient like the parameter"
+        )
+    return None
+
+
+def split_dtensors(
+    params: list[Tensor], grads: list[Tensor]
+) -> tuple[tuple[list[Tensor], list[Tensor]], tuple[list[Tensor], list[Tensor]]]:
+    """``((plain params, plain grads), (DTensor params, DTensor grads))``, order kept."""
+    plain: tuple[list[Tensor], list[Tensor]] = ([], [])
+    distributed: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for param, grad in zip(params, grads):
+        params_and_grads = distributed if is_dtensor(param) else plain
+        params_and_grads[0].append(param)
+        params_and_grads[1].append(grad)
+    return plain, distributed
+
+
+def lars_scale_dtensor_gradients_(
+    params: list[list[Tensor]],
+    grads: list[list[Tensor]],
+    *,
+    weight_decays: list[float],
+    lrs: list[float | Tensor],
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> None:
+    """:func:`torchlars._functional.lars_scale_gradients_` for DTensors, all param groups at once.
+
+    ``params[k]``, ``grads[k]``, ``weight_decays[k]`` and ``lrs[k]`` belong to param group
+    ``k``. Every rank of a mesh passes the same parameters in the same order (FSDP2 does).
+    """
+    # Per mesh, the local pieces grouped by param group, dtype and the mesh dimensions along
+    # which they are copies. The layout depends on the placements only, so it is the same on
+    # every rank and the reduced sums line up.
+    layouts: dict[DeviceMesh, dict[_PieceKind, tuple[list[Tensor], list[Tensor]]]] = {}
+    for group_index, (group_params, group_grads) in enumerate(zip(params, grads)):
+        for param, grad in zip(group_params, group_grads):
+            copied_along = tuple(dim for dim, placement in enumerate(param.placements) if placement.is_replicate())
+            kind = (group_index, param.dtype, copied_along)
+            local_params, local_grads = layouts.setdefault(param.device_mesh, {}).setdefault(kind, ([], []))
+            local_params.append(param.to_local())
+            local_grads.append(grad.to_local())
+
+    for mesh, layout in layouts.items():
+        # Phase 1: the whole norms, from the local sums of squares and one collective.
+        reduced_dims, process_groups = _reduction(mesh, layout)
+        coordinate = mesh.get_coordinate()
+        local_norms = []
+        for (_, dtype, copied_along), (local_params, local_grads) in layout.items():
+            norms = torch.cat(_param_and_grad_norms(local_params, local_grads, dtype))
+            if any(coordinate[dim] != 0 for dim in copied_along if dim in reduced_dims):
+                norms = torch.zeros_like(norms)  # a copy, counted by the rank at coordinate 0
+            local_norms.append(norms)
+        sums_of_squares = torch.cat(local_norms).square_()
+        for process_group in process_groups:
+            dist.all_reduce(sums_of_squares, op=dist.ReduceOp.SUM, group=process_group)
+        whole_norms = sums_of_squares.sqrt_().split([len(norms) for norms in local_norms])
+
+        # Phase 2: each rank scales its own pieces of the gradients.
+        for ((group_index, _, _), (local_params, local_grads)), norms, local in zip(
+            layout.items(), whole_norms, local_norms
+        ):
+            param_norms, grad_norms = norms.to(local.dtype).chunk(2)
+            _scale_by_trust_ratio_(
+                local_params,
+                local_grads,
+                param_norms,
+                grad_norms,
+                weight_decay=weight_decays[group_index],
+                lr=lrs[group_index],
+                eps=eps,
+                trust_coef=trust_coef,
+                clip=clip,
+            )
+
+
+# (param group index, dtype, mesh dimensions along which the parameter is replicated)
+_PieceKind = tuple[int, torch.dtype, tuple[int, ...]]
+
+
+def _reduction(
+    mesh: DeviceMesh, layout: dict[_PieceKind, tuple[list[Tensor], list[Tensor]]]
+) -> tuple[list[int], list[dist.ProcessGroup]]:
+    """The mesh dimensions the sums of squares are summed over, and the groups to do it with."""
+    copied_along = [kind[2] for kind in layout]
+    sharded_dims = [dim for dim in range(mesh.ndim) if not all(dim in copied for copied in copied_along)]
+    if len(sharded_dims) > 1 and mesh.size() == dist.get_world_size():
+        # Pieces along several dimensions (FSDP + TP): sum over the whole mesh, which is the
+        # default group, in one collective; copies along any dimension are then left out.
+        return list(range(mesh.ndim)), [dist.group.WORLD]
+    # FSDP2 and HSDP shard along one dimension; a sub-mesh spanning several sharded
+    # dimensions has no group of its own, so those take one collective per dimension.
+    return sharded_dims, [mesh.get_group(dim) for dim in sharded_dims]

@@ -1,0 +1,103 @@
+"""LARS under DDP, FSDP2 and hand-placed DTensors, on 2 gloo ranks on the CPU.
+
+All cases run in one pair of processes (``_distributed_worker.py``), started once for the
+module; each test checks its case's result on both ranks. The reference is the same training
+in a single process without sharding, computed by each rank itself.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+import _distributed_worker  # noqa: E402  (needs torch.distributed)
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("distributed")
+    # A file store: nothing to collide with other test runs on the same machine.
+    context = mp.start_processes(
+        _distributed_worker.run,
+        args=(WORLD_SIZE, str(directory / "store"), str(directory)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    # join() returns as soon as any rank exits, True once all have.
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD_SIZE} ranks did not finish within {TIMEOUT_S} s")
+    ranks = []
+    for rank in range(WORLD_SIZE):
+        with open(directory / f"rank{rank}.json") as file:
+            ranks.append(json.load(file))
+    return ranks
+
+
+def _case(results, name):
+    for rank, rank_results in enumerate(results):
+        error = rank_results[name]["error"]
+        assert error is None, f"rank {rank}:\n{error}"
+    return [rank_results[name]["collectives"] for rank_results in results]
+
+
+def _all_reduces(collectives):
+    assert all("allreduce" in op or "all_reduce" in op for op in collectives), collectives
+    return sum(collectives.values())
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no_clip", "clip"])
+def test_fsdp2_matches_single_process(results, clip):
+    for collectives in _case(results, f"fsdp2_{'clip' if clip else 'no_clip'}"):
+        # Both FSDP2 layers' norms, in one all-reduce per step.
+        assert _all_reduces(collectives) == 1, collectives
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no_clip", "clip"])
+def test_ddp_matches_single_process(results, clip):
+    for collectives in _case(results, f"ddp_{'clip' if clip else 'no_clip'}"):
+        assert collectives == {}, "under DDP the parameters are replicated: no collective is needed"
+
+
+def test_mixed_placements_and_plain_parameters(results):
+    for collectives in _case(results, "dtensors_mixed"):
+        # Three param groups with Shard(0), Shard(1), Replicate and fp64 DTensors on one mesh.
+        assert _all_reduces(collectives) == 1, collectives
+
+
+def test_2d_meshes(results):
+    for collectives in _case(results, "dtensors_two_meshes"):
+        assert _all_reduces(collectives) == 2, f"expected one all-reduce per mesh: {collectives}"
+
+
+def test_partial_and_mismatched_gradients_are_refused(results):
+    _case(results, "unsupported_placements")
+
+
+def test_runs_on_the_meta_device_without_distributed():
+    # The plain path is untouched: no process group needed, and nothing synchronises.
+    from torchlars import LARS
+
+    param = torch.nn.Parameter(torch.randn(4, 3, device="meta"))
+    param.grad = torch.randn(4, 3, device="meta")
+    LARS(torch.optim.SGD([param], lr=0.1, weight_decay=1e-4)).step()
+    assert not dist.is_initialized()
+
+
+def test_worker_cases_are_all_tested():
+    tested = {"fsdp2_no_clip", "fsdp2_clip", "ddp_no_clip", "ddp_clip", "dtensors_mixed",
+              "dtensors_two_meshes", "unsupported_placements"}
+    assert set(_distributed_worker.CASES) == tested
