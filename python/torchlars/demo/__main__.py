@@ -1,0 +1,3 @@
+from torchlars.demo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The large-batch demo, in a tiny configuration: it learns and writes its table and plot."""
+
+import pytest
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from torchlars.demo import DemoConfig, main, run  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_DATA = dict(num_train=2000, num_test=500)  # generated in about a second
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mnist1d")
+
+
+def test_tiny_demo_trains_above_chance_and_writes_its_plot(data_dir, tmp_path):
+    config = DemoConfig(
+        batch_sizes=(512,),
+        baseline_batch_size=64,
+        epochs=4,
+        **TINY_DATA,
+        device="cpu",
+        threads=1,
+        data_dir=data_dir,
+        out_dir=tmp_path,
+        name="tiny",
+        progress=False,
+    )
+    result = run(config)
+
+    runs = [(r.spec.optimizer, r.spec.batch_size) for r in result.results]
+    assert runs == [("sgd", 64), ("sgd", 512), ("lars", 512)]
+    assert all(len(r.test_acc) == config.epochs for r in result.results)
+    baseline = result.results[0]
+    assert baseline.best_test_acc > 0.3, f"chance is 0.1 with 10 classes; got {baseline.test_acc}"
+    assert result.plot_path == tmp_path / "tiny.png"
+    assert result.plot_path.read_bytes().startswith(PNG_SIGNATURE)
+    table_rows = [line for line in result.table_path.read_text().splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + len(runs)  # the header, then one row per run
+    assert (tmp_path / "tiny.json").exists()
+    assert list(data_dir.glob("mnist1d_*.npz")), "the generated data set is cached"
+
+
+def test_command_line(data_dir, tmp_path, capsys):
+    argv = ["--batch-sizes", "256", "--baseline-batch-size", "128", "--epochs", "1", "--lars-lr", "5",
+            "--num-train", str(TINY_DATA["num_train"]), "--num-test", str(TINY_DATA["num_test"]),
+            "--device", "cpu", "--threads", "1", "--no-progress", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "| Batch | LR policy |" in capsys.readouterr().out
+    assert (tmp_path / "demo_cpu.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "demo_cpu.md").exists()
