@@ -50,6 +50,11 @@ class LARS(Optimizer):
         trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
         clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does
             (default: False).
+        backend: what computes the scaling, with the same numbers either way: ``"foreach"``
+            (``torch._foreach_*`` ops from Python; the default, which needs no compiled
+            code and which ``torch.compile`` can fuse) or ``"cpp"`` (liblars's C++ operator
+            ``torch.ops.torchlars.lars_scale_gradients_``, which saves the Python overhead
+            of small models in eager mode; needs the installed package).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class LARS(Optimizer):
         trust_coef: float = 0.001,
         *,
         clip: bool = False,
+        backend: str = "foreach",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -68,10 +74,12 @@ class LARS(Optimizer):
         if isinstance(optimizer, LARS):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
         _check_settings(eps=eps, trust_coef=trust_coef, clip=clip)
+        _check_backend(backend)
         self.optim = optimizer
         self.eps = float(eps)
         self.trust_coef = float(trust_coef)
         self.clip = bool(clip)
+        self.backend = backend
         # What Optimizer.__init__ would set up, minus the param groups, which are the base's.
         self.__setstate__(self.__getstate__())
 
@@ -106,6 +114,7 @@ class LARS(Optimizer):
             "eps": self.eps,
             "trust_coef": self.trust_coef,
             "clip": self.clip,
+            "backend": self.backend,
         }
 
     def __repr__(self) -> str:
@@ -169,6 +178,7 @@ class LARS(Optimizer):
                 eps=self.eps,
                 trust_coef=self.trust_coef,
                 clip=self.clip,
+                backend=self.backend,
             )
         # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
         lars_scale_dtensor_gradients_(
@@ -228,6 +238,14 @@ def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
         raise ValueError(f"LARS: `trust_coef` must be non-negative, got {trust_coef}")
     if not isinstance(clip, bool):
         raise TypeError(f"LARS: `clip` must be a bool, got {torch.typename(clip)}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("foreach", "cpp"):
+        raise ValueError(f"LARS: `backend` must be 'foreach' or 'cpp', got {backend!r}")
+    if backend == "cpp":
+        # Fails here, not at the first step, when the C++ extension is missing.
+        import torchlars.ops  # noqa: F401
 
 
 def _params_with_dense_grads(

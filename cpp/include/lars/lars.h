@@ -1,0 +1,103 @@
+#pragma once
+
+// lars::LARS, Layer-wise Adaptive Rate Scaling around a libtorch optimizer: the C++ twin
+// of torchlars.LARS (torchlars/lars.py).
+
+#include <lars/functional.h>
+
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/archive.h>
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+namespace lars {
+
+/// The settings of `LARS`, with TORCH_ARG-style setters that refuse bad values:
+///
+///     lars::LARSOptions().eps(1e-8).trust_coef(1e-3).clip(false)
+struct LARSOptions {
+  /// Added to the denominator of the trust ratio; non-negative (default 1e-8).
+  double eps() const noexcept { return eps_; }
+  LARSOptions& eps(double eps);
+
+  /// The trust coefficient eta; non-negative (default 1e-3).
+  double trust_coef() const noexcept { return trust_coef_; }
+  LARSOptions& trust_coef(double trust_coef);
+
+  /// Clip the trust ratio at the learning rate, as NVIDIA apex's LARC does (default false).
+  bool clip() const noexcept { return clip_; }
+  LARSOptions& clip(bool clip);
+
+  /// Indices of the param groups left entirely to the base optimizer: no trust ratio, and
+  /// their weight decay is applied by the base as usual (Python's "lars_exclude": True).
+  /// Keeps biases and normalization weights out of the adaptation (default: none).
+  const std::vector<size_t>& excluded_param_groups() const noexcept { return excluded_param_groups_; }
+  LARSOptions& excluded_param_groups(std::vector<size_t> excluded_param_groups);
+
+  void serialize(torch::serialize::OutputArchive& archive) const;
+  void serialize(torch::serialize::InputArchive& archive);
+
+ private:
+  double eps_ = 1e-8;
+  double trust_coef_ = 1e-3;
+  bool clip_ = false;
+  std::vector<size_t> excluded_param_groups_;
+};
+
+/// Layer-wise Adaptive Rate Scaling around a libtorch optimizer (You, Gitman & Ginsburg,
+/// 2017, https://arxiv.org/abs/1708.03888). Before every step of the base optimizer, each
+/// parameter w with gradient g in a param group with weight decay wd and learning rate lr
+/// gets
+///
+///     r = trust_coef * |w| / (|g| + wd * |w| + eps)   if |w| > 0 and |g| > 0, else 1
+///     r = min(r / lr, 1)                               only if clip (LARC)
+///     g = (g + wd * w) * r
+///
+/// and the base steps on the scaled gradient with its weight decay set to 0 (the decay is
+/// already in g), restored afterwards even when the base step throws. The scaling runs on
+/// the current stream of the parameters' device and never synchronises: a caller's
+/// c10::StreamGuard is honoured, and the step can run inside CUDA graph capture.
+///
+///     auto sgd = std::make_shared<torch::optim::SGD>(
+///         model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4));
+///     lars::LARS optimizer(sgd, lars::LARSOptions().trust_coef(1e-3));
+///
+/// The base can be torch::optim::SGD, Adam, AdamW, RMSprop or Adagrad, whose weight decay
+/// LARS takes; any other base is accepted only if its options carry no non-zero
+/// "weight_decay" (read through their serialisation, at every step). Param groups listed in
+/// LARSOptions::excluded_param_groups are left to the base entirely.
+///
+/// LARS holds its own copy of the base's param groups: configure the optimizer through the
+/// LARS (`param_groups()`, `add_param_group`, LR schedulers); before every step and save,
+/// the LARS's param group options are copied into the base. The base's per-parameter state
+/// stays in `base()->state()`.
+class LARS : public torch::optim::Optimizer {
+ public:
+  explicit LARS(std::shared_ptr<torch::optim::Optimizer> base, LARSOptions options = {});
+
+  /// Evaluates `closure` first (with grad enabled) if given, scales the gradients, steps
+  /// the base optimizer, and returns the closure's loss (undefined without a closure).
+  torch::Tensor step(LossClosure closure = nullptr) override;
+
+  /// The base's archive, plus the LARS options under "lars": a plain base optimizer of the
+  /// same type loads it, and LARS loads a plain base's archive (keeping its options).
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+  const LARSOptions& options() const noexcept { return options_; }
+  LARSOptions& options() noexcept { return options_; }
+
+  const std::shared_ptr<torch::optim::Optimizer>& base() const noexcept { return base_; }
+
+ private:
+  // The base's param groups follow the LARS's; `save` needs this too, hence const.
+  void copy_param_groups_to_base() const;
+  std::vector<size_t> adapted_param_groups() const;
+
+  std::shared_ptr<torch::optim::Optimizer> base_;
+  LARSOptions options_;
+};
+
+} // namespace lars

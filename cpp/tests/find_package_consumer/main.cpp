@@ -1,0 +1,19 @@
+// One LARS step over SGD through the installed liblars; prints the parameter it updated.
+
+#include <lars/lars.h>
+
+#include <torch/optim/sgd.h>
+
+#include <iostream>
+#include <memory>
+#include <vector>
+
+int main() {
+  const auto w = torch::tensor({3.0, 4.0}).requires_grad_(true);
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(1.0));
+  lars::LARS optimizer(sgd, lars::LARSOptions().trust_coef(0.1).eps(0.0));
+  w.mutable_grad() = torch::tensor({0.0, 10.0});
+  optimizer.step();
+  std::cout << w[0].item<double>() << " " << w[1].item<double>() << std::endl;
+  return 0;
+}

@@ -1,0 +1,517 @@
+// The C++ API of liblars: options, the maths, the weight-decay takeover, state, streams.
+
+#include <lars/lars.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/optim.h>
+#include <torch/serialize.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using torch::optim::OptimizerParamGroup;
+
+// What one LARS-over-plain-SGD step does to w, by hand, in double precision.
+at::Tensor lars_sgd_reference(const at::Tensor& w, const at::Tensor& g, double lr, double wd,
+                              const lars::LARSOptions& options) {
+  const at::Tensor w64 = w.detach().to(at::kDouble);
+  const at::Tensor g64 = g.to(at::kDouble);
+  const double param_norm = w64.norm().item<double>();
+  const double grad_norm = g64.norm().item<double>();
+  double ratio = 1.0;
+  if (param_norm > 0 && grad_norm > 0) {
+    ratio = options.trust_coef() * param_norm / (grad_norm + wd * param_norm + options.eps());
+  }
+  if (options.clip()) {
+    ratio = std::min(ratio / lr, 1.0);
+  }
+  return w64 - lr * ratio * (g64 + wd * w64);
+}
+
+at::Tensor leaf(at::IntArrayRef shape, double scale = 1.0) {
+  return (at::randn(shape, at::kFloat) * scale).requires_grad_(true);
+}
+
+void set_grad(const at::Tensor& param, const at::Tensor& grad) {
+  param.mutable_grad() = grad.clone();
+}
+
+template <typename Error>
+std::string error_of(const std::function<void()>& run) {
+  try {
+    run();
+  } catch (const Error& error) {
+    return error.what_without_backtrace();
+  }
+  ADD_FAILURE() << "no error raised";
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// A base optimizer LARS knows nothing about, whose options serialise a weight decay.
+struct PlainOptions : torch::optim::OptimizerCloneableOptions<PlainOptions> {
+  explicit PlainOptions(double weight_decay) : weight_decay_(weight_decay) {}
+  void serialize(torch::serialize::OutputArchive& archive) const override {
+    archive.write("lr", lr_);
+    archive.write("weight_decay", weight_decay_);
+  }
+  void serialize(torch::serialize::InputArchive& archive) override {
+    c10::IValue value;
+    archive.read("weight_decay", value);
+    weight_decay_ = value.toDouble();
+  }
+  double get_lr() const override { return lr_; }
+  void set_lr(const double lr) override { lr_ = lr; }
+
+ private:
+  double lr_ = 0.1;
+  double weight_decay_;
+};
+
+struct PlainOptimizer : torch::optim::Optimizer {
+  PlainOptimizer(std::vector<at::Tensor> params, double weight_decay)
+      : Optimizer(std::move(params), std::make_unique<PlainOptions>(weight_decay)) {}
+  at::Tensor step(LossClosure) override {
+    at::NoGradGuard no_grad;
+    for (auto& param : param_groups_[0].params()) {
+      param.sub_(param.grad(), param_groups_[0].options().get_lr());
+    }
+    return {};
+  }
+};
+
+// An SGD whose step records the weight decay it sees, then fails.
+struct FailingSGD : torch::optim::SGD {
+  using SGD::SGD;
+  at::Tensor step(LossClosure) override {
+    weight_decay_seen =
+        static_cast<torch::optim::SGDOptions&>(param_groups()[0].options()).weight_decay();
+    TORCH_CHECK(false, "the base step failed");
+  }
+  double weight_decay_seen = -1;
+};
+
+double sgd_weight_decay(const torch::optim::Optimizer& optimizer, size_t group) {
+  return static_cast<const torch::optim::SGDOptions&>(optimizer.param_groups()[group].options())
+      .weight_decay();
+}
+
+// ---------------------------------------------------------------------------------------
+// Options
+
+TEST(LARSOptions, Defaults) {
+  const lars::LARSOptions options;
+  EXPECT_EQ(options.eps(), 1e-8);
+  EXPECT_EQ(options.trust_coef(), 1e-3);
+  EXPECT_FALSE(options.clip());
+  EXPECT_TRUE(options.excluded_param_groups().empty());
+}
+
+TEST(LARSOptions, SettersChain) {
+  const auto options = lars::LARSOptions().eps(1e-6).trust_coef(0.02).clip(true).excluded_param_groups({1});
+  EXPECT_EQ(options.eps(), 1e-6);
+  EXPECT_EQ(options.trust_coef(), 0.02);
+  EXPECT_TRUE(options.clip());
+  EXPECT_EQ(options.excluded_param_groups(), std::vector<size_t>{1});
+}
+
+TEST(LARSOptions, RefusesNegativeOrNaN) {
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().eps(-1e-8); }),
+                       "eps must be non-negative, got -1e-08"));
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().eps(std::nan("")); }),
+                       "eps must be non-negative"));
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().trust_coef(-0.5); }),
+                       "trust_coef must be non-negative, got -0.5"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Construction
+
+TEST(LARS, IsAnOptimizerWithTheBaseParamGroups) {
+  auto w = leaf({3, 2});
+  auto b = leaf({2});
+  auto sgd = std::make_shared<torch::optim::SGD>(
+      std::vector<OptimizerParamGroup>{OptimizerParamGroup({w}), OptimizerParamGroup({b})},
+      torch::optim::SGDOptions(0.1).weight_decay(1e-4));
+  lars::LARS optimizer(sgd);
+  torch::optim::Optimizer& as_optimizer = optimizer;
+  ASSERT_EQ(as_optimizer.param_groups().size(), 2u);
+  EXPECT_TRUE(as_optimizer.param_groups()[1].params()[0].is_same(b));
+  EXPECT_EQ(as_optimizer.param_groups()[0].options().get_lr(), 0.1);
+  EXPECT_EQ(optimizer.base(), sgd);
+}
+
+TEST(LARS, RefusesNullAndNestedBases) {
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARS(nullptr); }), "base optimizer is null"));
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{leaf({2})}, torch::optim::SGDOptions(0.1));
+  auto inner = std::make_shared<lars::LARS>(sgd);
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] { lars::LARS outer(inner); }), "already a lars::LARS"));
+}
+
+TEST(LARS, RefusesMissingExcludedGroup) {
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{leaf({2})}, torch::optim::SGDOptions(0.1));
+  const auto message = error_of<c10::IndexError>(
+      [&] { lars::LARS optimizer(sgd, lars::LARSOptions().excluded_param_groups({1})); });
+  EXPECT_TRUE(contains(message, "excluded param group 1 does not exist; the optimizer has 1 param groups"));
+}
+
+TEST(LARS, RefusesOtherBaseWithWeightDecay) {
+  auto base = std::make_shared<PlainOptimizer>(std::vector<at::Tensor>{leaf({2})}, 0.01);
+  const auto message = error_of<c10::ValueError>([&] { lars::LARS optimizer(base); });
+  EXPECT_TRUE(contains(message, "weight_decay=0.01"));
+  EXPECT_TRUE(contains(message, "SGD, Adam, AdamW, RMSprop and Adagrad"));
+}
+
+TEST(LARS, AcceptsOtherBaseWithoutWeightDecay) {
+  auto w = leaf({4, 3});
+  auto base = std::make_shared<PlainOptimizer>(std::vector<at::Tensor>{w}, 0.0);
+  const auto options = lars::LARSOptions().trust_coef(0.01);
+  lars::LARS optimizer(base, options);
+  const auto g = at::randn({4, 3});
+  set_grad(w, g);
+  const auto expected = lars_sgd_reference(w, g, 0.1, 0.0, options);
+  optimizer.step();
+  EXPECT_TRUE(at::allclose(w.detach().to(at::kDouble), expected, 1e-6, 1e-7));
+}
+
+TEST(LARS, AcceptsAnExcludedGroupOfAnyBase) {
+  auto base = std::make_shared<PlainOptimizer>(std::vector<at::Tensor>{leaf({2})}, 0.01);
+  lars::LARS optimizer(base, lars::LARSOptions().excluded_param_groups({0}));
+  EXPECT_EQ(optimizer.param_groups().size(), 1u);
+}
+
+// ---------------------------------------------------------------------------------------
+// The step
+
+class LARSOverSGD : public ::testing::TestWithParam<bool> {};
+
+TEST_P(LARSOverSGD, MatchesTheFormula) {
+  const bool clip = GetParam();
+  auto w = leaf({5, 4});
+  const double lr = 0.5, wd = 0.01;
+  const auto options = lars::LARSOptions().trust_coef(0.02).eps(1e-6).clip(clip);
+  lars::LARS optimizer(
+      std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(lr).weight_decay(wd)),
+      options);
+  const auto g = at::randn({5, 4});
+  set_grad(w, g);
+  const auto expected = lars_sgd_reference(w, g, lr, wd, options);
+  optimizer.step();
+  EXPECT_TRUE(at::allclose(w.detach().to(at::kDouble), expected, 1e-6, 1e-7));
+}
+
+INSTANTIATE_TEST_SUITE_P(Clip, LARSOverSGD, ::testing::Bool());
+
+TEST(LARS, ZeroNormsKeepTheGradient) {
+  auto zero_param = at::zeros({3}).requires_grad_(true);
+  auto zero_grad_param = leaf({3});
+  lars::LARS optimizer(std::make_shared<torch::optim::SGD>(
+      std::vector<at::Tensor>{zero_param, zero_grad_param}, torch::optim::SGDOptions(0.1)));
+  const auto g = at::randn({3});
+  set_grad(zero_param, g);
+  set_grad(zero_grad_param, at::zeros({3}));
+  const auto before = zero_grad_param.detach().clone();
+  optimizer.step();
+  EXPECT_TRUE(at::allclose(zero_param.detach(), -0.1 * g));
+  EXPECT_TRUE(at::equal(zero_grad_param.detach(), before));
+}
+
+TEST(LARS, ExcludedGroupIsLeftToTheBase) {
+  auto adapted = leaf({4, 4});
+  auto excluded = leaf({4});
+  const double lr = 0.1, wd = 0.05;
+  auto sgd = std::make_shared<torch::optim::SGD>(
+      std::vector<OptimizerParamGroup>{OptimizerParamGroup({adapted}), OptimizerParamGroup({excluded})},
+      torch::optim::SGDOptions(lr).weight_decay(wd));
+  const auto options = lars::LARSOptions().excluded_param_groups({1});
+  lars::LARS optimizer(sgd, options);
+  const auto g_adapted = at::randn({4, 4});
+  const auto g_excluded = at::randn({4});
+  set_grad(adapted, g_adapted);
+  set_grad(excluded, g_excluded);
+  const auto expected_adapted = lars_sgd_reference(adapted, g_adapted, lr, wd, options);
+  const auto expected_excluded = excluded.detach() - lr * (g_excluded + wd * excluded.detach());
+  optimizer.step();
+  EXPECT_TRUE(at::allclose(adapted.detach().to(at::kDouble), expected_adapted, 1e-6, 1e-7));
+  EXPECT_TRUE(at::allclose(excluded.detach(), expected_excluded));
+  EXPECT_TRUE(at::allclose(excluded.grad(), g_excluded)); // unscaled
+}
+
+TEST(LARS, StepEvaluatesTheClosureFirst) {
+  auto w = leaf({3, 3});
+  const auto options = lars::LARSOptions().trust_coef(0.1);
+  lars::LARS optimizer(std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1)), options);
+  set_grad(w, at::full({3, 3}, 1e3)); // stale: the closure's gradient must replace it
+  const auto x = at::randn({3});
+  bool grad_mode_in_closure = false;
+  const auto before = w.detach().clone();
+  const auto loss = optimizer.step([&] {
+    grad_mode_in_closure = at::GradMode::is_enabled();
+    optimizer.zero_grad();
+    auto value = at::matmul(w, x).pow(2).sum();
+    value.backward();
+    return value;
+  });
+  ASSERT_TRUE(loss.defined());
+  EXPECT_TRUE(grad_mode_in_closure);
+  const auto closure_grad = 2 * at::outer(at::matmul(before, x), x);
+  EXPECT_TRUE(at::allclose(w.detach().to(at::kDouble), lars_sgd_reference(before, closure_grad, 0.1, 0.0, options), 1e-6, 1e-7));
+}
+
+TEST(LARS, RefusesSparseGradientsBeforeScalingAny) {
+  auto dense = leaf({3});
+  auto sparse = leaf({4, 2});
+  lars::LARS optimizer(std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{dense, sparse}, torch::optim::SGDOptions(0.1)));
+  const auto g = at::randn({3});
+  set_grad(dense, g);
+  sparse.mutable_grad() = at::randn({4, 2}).to_sparse();
+  const auto before = sparse.detach().clone();
+  const auto message = error_of<c10::ValueError>([&] { optimizer.step(); });
+  EXPECT_TRUE(contains(message, "sparse gradients: parameter 1 of param group 0"));
+  EXPECT_TRUE(at::equal(dense.grad(), g));
+  EXPECT_TRUE(at::equal(sparse.detach(), before));
+}
+
+// ---------------------------------------------------------------------------------------
+// Weight decay: taken for LARS, restored after the base step
+
+TEST(LARS, RestoresTheBaseWeightDecayAfterTheStep) {
+  auto w = leaf({3, 3});
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1).weight_decay(1e-4));
+  lars::LARS optimizer(sgd);
+  set_grad(w, at::randn({3, 3}));
+  optimizer.step();
+  EXPECT_EQ(sgd_weight_decay(*sgd, 0), 1e-4);
+  EXPECT_EQ(sgd_weight_decay(optimizer, 0), 1e-4);
+}
+
+TEST(LARS, RestoresTheBaseWeightDecayWhenTheBaseStepThrows) {
+  auto w = leaf({3, 3});
+  auto failing = std::make_shared<FailingSGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1).weight_decay(1e-4));
+  lars::LARS optimizer(failing);
+  set_grad(w, at::randn({3, 3}));
+  EXPECT_TRUE(contains(error_of<c10::Error>([&] { optimizer.step(); }), "the base step failed"));
+  EXPECT_EQ(failing->weight_decay_seen, 0.0);
+  EXPECT_EQ(sgd_weight_decay(*failing, 0), 1e-4);
+}
+
+template <typename Base, typename Options>
+void expect_weight_decay_taken(Options options) {
+  auto w = leaf({4, 3});
+  auto base = std::make_shared<Base>(std::vector<at::Tensor>{w}, options);
+  auto twin_w = w.detach().clone().requires_grad_(true);
+  // The twin: the same base, weight decay 0, fed the gradient LARS makes.
+  auto twin = std::make_shared<Base>(std::vector<at::Tensor>{twin_w}, Options(options).weight_decay(0));
+  lars::LARS optimizer(base);
+  for (int step = 0; step < 3; ++step) {
+    const auto g = at::randn({4, 3});
+    set_grad(w, g);
+    optimizer.step();
+    twin_w.mutable_grad() = g.clone();
+    lars::lars_scale_gradients_({twin_w.detach()}, {twin_w.grad()}, options.weight_decay(),
+                                at::scalar_tensor(options.lr(), at::kDouble), 1e-8, 1e-3, false);
+    twin->step();
+    ASSERT_TRUE(at::equal(w.detach(), twin_w.detach())) << "step " << step;
+  }
+  EXPECT_EQ(static_cast<Options&>(base->param_groups()[0].options()).weight_decay(), options.weight_decay());
+}
+
+TEST(LARS, TakesTheWeightDecayOfEveryKnownBase) {
+  expect_weight_decay_taken<torch::optim::SGD>(torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(0.01));
+  expect_weight_decay_taken<torch::optim::Adam>(torch::optim::AdamOptions(0.01).weight_decay(0.01));
+  expect_weight_decay_taken<torch::optim::AdamW>(torch::optim::AdamWOptions(0.01).weight_decay(0.01));
+  expect_weight_decay_taken<torch::optim::RMSprop>(torch::optim::RMSpropOptions(0.01).weight_decay(0.01));
+  expect_weight_decay_taken<torch::optim::Adagrad>(torch::optim::AdagradOptions(0.01).weight_decay(0.01));
+}
+
+// ---------------------------------------------------------------------------------------
+// Param groups through the LARS: schedulers, add_param_group
+
+TEST(LARS, SchedulersDriveTheBase) {
+  auto w = leaf({3, 3});
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1));
+  lars::LARS optimizer(sgd, lars::LARSOptions().clip(true));
+  torch::optim::StepLR scheduler(optimizer, /*step_size=*/1, /*gamma=*/0.5);
+  for (int epoch = 0; epoch < 3; ++epoch) {
+    set_grad(w, at::randn({3, 3}));
+    optimizer.step();
+    scheduler.step();
+  }
+  const double scheduled_lr = optimizer.param_groups()[0].options().get_lr();
+  EXPECT_LT(scheduled_lr, 0.1);
+  set_grad(w, at::randn({3, 3}));
+  optimizer.step();
+  EXPECT_EQ(sgd->param_groups()[0].options().get_lr(), scheduled_lr);
+}
+
+TEST(LARS, AddParamGroupReachesTheBase) {
+  auto w = leaf({3, 3});
+  auto extra = leaf({2, 2});
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1));
+  const auto options = lars::LARSOptions().trust_coef(0.01);
+  lars::LARS optimizer(sgd, options);
+  optimizer.add_param_group(OptimizerParamGroup({extra}, std::make_unique<torch::optim::SGDOptions>(0.2)));
+  set_grad(w, at::randn({3, 3}));
+  const auto g = at::randn({2, 2});
+  set_grad(extra, g);
+  const auto expected = lars_sgd_reference(extra, g, 0.2, 0.0, options);
+  optimizer.step();
+  ASSERT_EQ(sgd->param_groups().size(), 2u);
+  EXPECT_TRUE(at::allclose(extra.detach().to(at::kDouble), expected, 1e-6, 1e-7));
+}
+
+// ---------------------------------------------------------------------------------------
+// save / load
+
+struct Trained {
+  at::Tensor w;
+  std::shared_ptr<torch::optim::SGD> sgd;
+  std::unique_ptr<lars::LARS> optimizer;
+};
+
+Trained make_trained(const at::Tensor& init, const lars::LARSOptions& options) {
+  auto w = init.clone().requires_grad_(true);
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+  return {w, sgd, std::make_unique<lars::LARS>(sgd, options)};
+}
+
+void train(const at::Tensor& w, torch::optim::Optimizer& optimizer, const std::vector<at::Tensor>& grads) {
+  for (const auto& g : grads) {
+    set_grad(w, g);
+    optimizer.step();
+  }
+}
+
+TEST(LARS, SaveLoadContinuesIdentically) {
+  const auto init = at::randn({4, 4});
+  const std::vector<at::Tensor> grads = {at::randn({4, 4}), at::randn({4, 4}), at::randn({4, 4}), at::randn({4, 4})};
+  const auto options = lars::LARSOptions().eps(1e-6).trust_coef(0.02).clip(true);
+  auto first = make_trained(init, options);
+  train(first.w, *first.optimizer, {grads[0], grads[1]});
+
+  std::stringstream saved;
+  torch::save(*first.optimizer, saved);
+  auto second = make_trained(first.w.detach(), lars::LARSOptions());
+  torch::load(*second.optimizer, saved);
+  EXPECT_EQ(second.optimizer->options().eps(), 1e-6);
+  EXPECT_EQ(second.optimizer->options().trust_coef(), 0.02);
+  EXPECT_TRUE(second.optimizer->options().clip());
+
+  train(first.w, *first.optimizer, {grads[2], grads[3]});
+  train(second.w, *second.optimizer, {grads[2], grads[3]});
+  EXPECT_TRUE(at::equal(first.w, second.w));
+}
+
+TEST(LARS, ArchivesAreInterchangeableWithThePlainBase) {
+  const auto init = at::randn({4, 4});
+  const std::vector<at::Tensor> grads = {at::randn({4, 4}), at::randn({4, 4}), at::randn({4, 4})};
+  const auto options = lars::LARSOptions().trust_coef(0.05);
+  auto trained = make_trained(init, options);
+  train(trained.w, *trained.optimizer, {grads[0], grads[1]});
+
+  // A plain SGD loads the LARS archive: it gets the momentum buffer.
+  std::stringstream from_lars;
+  torch::save(*trained.optimizer, from_lars);
+  auto plain_w = trained.w.detach().clone().requires_grad_(true);
+  torch::optim::SGD plain(std::vector<at::Tensor>{plain_w}, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+  torch::load(plain, from_lars);
+  const auto& buffer = static_cast<torch::optim::SGDParamState&>(*plain.state().begin()->second).momentum_buffer();
+  const auto& trained_buffer = static_cast<torch::optim::SGDParamState&>(*trained.sgd->state().begin()->second).momentum_buffer();
+  EXPECT_TRUE(at::equal(buffer, trained_buffer));
+
+  // LARS loads the plain archive and keeps its own options.
+  std::stringstream from_plain;
+  torch::save(plain, from_plain);
+  auto resumed = make_trained(plain_w.detach(), options);
+  torch::load(*resumed.optimizer, from_plain);
+  EXPECT_EQ(resumed.optimizer->options().trust_coef(), 0.05);
+  train(trained.w, *trained.optimizer, {grads[2]});
+  train(resumed.w, *resumed.optimizer, {grads[2]});
+  EXPECT_TRUE(at::equal(trained.w, resumed.w));
+}
+
+// ---------------------------------------------------------------------------------------
+// The functional core
+
+TEST(ScaleGradients, HalfTypesAccumulateNormsInFloat) {
+  const auto w = at::randn({64, 64}).to(at::kBFloat16);
+  const auto g = at::randn({64, 64}).to(at::kBFloat16);
+  auto scaled = g.clone();
+  lars::lars_scale_gradients_({w}, {scaled}, 0.0, at::scalar_tensor(0.1, at::kDouble), 0.0, 1.0, false);
+  const auto ratio = w.to(at::kFloat).norm() / g.to(at::kFloat).norm();
+  EXPECT_TRUE(at::equal(scaled, g * ratio.to(at::kBFloat16)));
+}
+
+TEST(ScaleGradients, GroupsByDtype) {
+  const std::vector<at::Tensor> params = {at::randn({3}), at::randn({4}, at::kDouble), at::randn({5})};
+  std::vector<at::Tensor> grads = {at::randn({3}), at::randn({4}, at::kDouble), at::randn({5})};
+  std::vector<at::Tensor> one_by_one;
+  for (size_t i = 0; i < params.size(); ++i) {
+    one_by_one.push_back(grads[i].clone());
+    lars::lars_scale_gradients_({params[i]}, {one_by_one[i]}, 0.01, at::scalar_tensor(0.1, at::kDouble), 1e-8, 1e-3, true);
+  }
+  lars::lars_scale_gradients_(params, grads, 0.01, at::scalar_tensor(0.1, at::kDouble), 1e-8, 1e-3, true);
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(at::equal(grads[i], one_by_one[i])) << i;
+  }
+}
+
+TEST(ScaleGradients, RefusesMismatchedLists) {
+  std::vector<at::Tensor> grads = {at::randn({3})};
+  EXPECT_TRUE(contains(error_of<c10::Error>([&] {
+    lars::lars_scale_gradients_({at::randn({3}), at::randn({3})}, grads, 0.0, at::scalar_tensor(0.1), 0.0, 1e-3, false);
+  }), "got 2 params but 1 grads"));
+  EXPECT_TRUE(contains(error_of<c10::Error>([&] {
+    lars::lars_scale_gradients_({at::randn({4})}, grads, 0.0, at::scalar_tensor(0.1), 0.0, 1e-3, false);
+  }), "grads[0] (Float[3] on cpu) does not match params[0] (Float[4] on cpu)"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams (CUDA only): a step under a caller's StreamGuard, on a side stream.
+
+TEST(LARSStreams, StepsOnTheCallersStream) {
+  if (!torch::cuda::is_available()) {
+    GTEST_SKIP() << "needs CUDA";
+  }
+  const c10::Device cuda(c10::DeviceType::CUDA, 0);
+  const auto init = at::randn({256, 128}).to(cuda);
+  const auto g = at::randn({256, 128}).to(cuda);
+  auto run = [&](bool side_stream) {
+    auto w = init.clone().requires_grad_(true);
+    lars::LARS optimizer(std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4)));
+    set_grad(w, g);
+    if (!side_stream) {
+      optimizer.step();
+      return w.detach().cpu();
+    }
+    c10::impl::VirtualGuardImpl device_api(c10::DeviceType::CUDA);
+    const c10::Stream side = device_api.getStreamFromGlobalPool(cuda);
+    c10::Event inputs_ready(c10::DeviceType::CUDA); // the inputs were made on the current stream
+    inputs_ready.record(device_api.getStream(cuda));
+    inputs_ready.block(side);
+    {
+      c10::StreamGuard guard(side);
+      optimizer.step();
+      EXPECT_EQ(device_api.getStream(cuda), side);
+    }
+    side.synchronize();
+    return w.detach().cpu();
+  };
+  EXPECT_TRUE(at::equal(run(true), run(false)));
+}
+
+} // namespace

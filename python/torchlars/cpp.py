@@ -1,0 +1,139 @@
+"""``torchlars.cpp.LARS``: liblars, the C++ LARS optimizer (``lars::LARS``), from Python."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from torchlars._extension import _C
+
+__all__ = ["LARS"]
+
+
+class LARS:
+    r"""LARS around a libtorch optimizer, stepping in C++.
+
+    The same algorithm as :class:`torchlars.LARS` (see its docstring for the formula and
+    the paper), computed by ``lars::LARS`` of liblars around libtorch's SGD, Adam, AdamW,
+    RMSprop or Adagrad. The parity tests hold both to the same numbers.
+
+    Example::
+
+        optimizer = torchlars.cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+        # Biases and norm weights left to the base optimizer:
+        optimizer = torchlars.cpp.LARS(exclude_bias_and_norm(model, 1e-4), "sgd", lr=0.1, momentum=0.9)
+
+    Args:
+        params: tensors, or param-group dicts as for ``torch.optim``: ``"params"``, options
+            of the base for that group, and ``"lars_exclude": True`` to leave the group
+            entirely to the base optimizer.
+        base: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"``.
+        eps: added to the denominator of the trust ratio (default: 1e-8).
+        trust_coef: the trust coefficient (default: 1e-3).
+        clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does
+            (default: False).
+        **base_options: the libtorch base's options, by libtorch's names: ``lr``,
+            ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` (sgd); ``lr``,
+            ``betas``, ``base_eps``, ``weight_decay``, ``amsgrad`` (adam, adamw); ``lr``,
+            ``alpha``, ``base_eps``, ``weight_decay``, ``momentum``, ``centered`` (rmsprop);
+            ``lr``, ``lr_decay``, ``weight_decay``, ``initial_accumulator_value``,
+            ``base_eps`` (adagrad). The base's ``eps`` is spelt ``base_eps`` because
+            ``eps`` is LARS's. Unset options take libtorch's defaults; sgd needs ``lr``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base: str,
+        eps: float = 1e-8,
+        trust_coef: float = 0.001,
+        *,
+        clip: bool = False,
+        **base_options: Any,
+    ) -> None:
+        if not isinstance(base, str):
+            raise TypeError(f"torchlars.cpp.LARS: `base` must be a str such as 'sgd', got {torch.typename(base)}")
+        if not isinstance(clip, bool):
+            raise TypeError(f"torchlars.cpp.LARS: `clip` must be a bool, got {torch.typename(clip)}")
+        groups = _param_groups(params)
+        self._lars = _C.LARS(
+            param_groups=[(tensors, {**base_options, **options}) for tensors, options, _ in groups],
+            base=base,
+            base_defaults=base_options,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+            excluded_param_groups=[index for index, (_, _, excluded) in enumerate(groups) if excluded],
+        )
+        self.base = base
+
+    @property
+    def eps(self) -> float:
+        return self._lars.eps
+
+    @property
+    def trust_coef(self) -> float:
+        return self._lars.trust_coef
+
+    @property
+    def clip(self) -> bool:
+        return self._lars.clip
+
+    def __repr__(self) -> str:
+        return f"torchlars.cpp.LARS(base={self.base!r}, eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip})"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Scale the gradients, then step the base optimizer, in C++.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first, so the
+                gradients it produces are the ones that get scaled.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._lars.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._lars.zero_grad(set_to_none)
+
+
+def _param_groups(
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+) -> list[tuple[list[torch.Tensor], dict[str, Any], bool]]:
+    """(tensors, base options, excluded) of every param group, checked."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("torchlars.cpp.LARS: `params` must be an iterable of tensors or of dicts, got a Tensor")
+    entries = list(params)
+    if not entries:
+        raise ValueError("torchlars.cpp.LARS: `params` is empty")
+    if not isinstance(entries[0], dict):
+        entries = [{"params": entries}]
+    groups = []
+    for group_index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise TypeError(
+                f"torchlars.cpp.LARS: param group {group_index} must be a dict like the first, got {torch.typename(entry)}"
+            )
+        options = dict(entry)
+        if "params" not in options:
+            raise ValueError(f"torchlars.cpp.LARS: param group {group_index} has no 'params'")
+        tensors = options.pop("params")
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        for param_index, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"torchlars.cpp.LARS: parameter {param_index} of param group {group_index} "
+                    f"is a {torch.typename(tensor)}, not a Tensor"
+                )
+        excluded = options.pop("lars_exclude", False)
+        if not isinstance(excluded, bool):
+            raise TypeError(
+                f"torchlars.cpp.LARS: 'lars_exclude' of param group {group_index} must be a bool, got {torch.typename(excluded)}"
+            )
+        groups.append((tensors, options, excluded))
+    return groups
