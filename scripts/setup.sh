@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python3}
 if ! $PYTHON -c "import torch" 2>/dev/null; then
     $PYTHON -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-$PYTHON -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" pytest mnist1d matplotlib tqdm
+$PYTHON -m pip install -q "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
 # One build, kept in build/python: the wheel, and the C++ tests and example that
 # scripts/test.sh runs with ctest there.
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} $PYTHON -m pip install -q --no-build-isolation \
