@@ -238,3 +238,23 @@ def test_gpu_cuda_graph_replay_matches_eager(face):
     torch.cuda.synchronize()
     for param, eager_param in zip(graph_model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(param, eager_param, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_tensors_cut_into_cpu_blocks_give_the_unblocked_numbers(dtype):
+    # Larger than a CPU block (2**18 elements), not a multiple of it, one of them
+    # non-contiguous, with small tensors between them: blocks are filled across tensors.
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(700, 1001), (3,), (1000, 300), (513, 517), (2,)]
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    params[2] = params[2].t()  # non-contiguous: kept whole
+    grads = [torch.randn(p.shape, generator=generator).to(dtype) for p in params]
+    param_norms = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+    grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    ratios = SETTINGS["trust_coef"] * param_norms / (grad_norms + SETTINGS["weight_decay"] * param_norms + SETTINGS["eps"])
+    expected = [g.clone().add_(p, alpha=SETTINGS["weight_decay"]).mul_(r.to(dtype)) for p, g, r in zip(params, grads, ratios)]
+    for backend in ("foreach", "cpp"):
+        scaled = [grad.clone() for grad in grads]
+        lars_scale_gradients_(params, scaled, lr=0.1, clip=False, backend=backend, **SETTINGS)
+        for grad, want in zip(scaled, expected):
+            torch.testing.assert_close(grad, want, rtol=0, atol=0)

@@ -77,6 +77,45 @@ std::pair<at::Tensor, at::Tensor> param_and_grad_norms(
   return {std::move(param_norms), std::move(grad_norms)};
 }
 
+// Elements per block of cpu_blocks: 1 MiB of fp32 gradient plus as much parameter stays in a
+// last-level cache; smaller blocks cost more in per-call overhead than they save (bench/).
+constexpr int64_t kCpuBlockNumel = int64_t{1} << 18;
+
+struct Block {
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> ratios;
+};
+
+// `params`, `grads` and `ratios` regrouped into blocks of about kCpuBlockNumel elements. A
+// larger contiguous tensor is cut into flat slices, views that write through to it; each
+// slice keeps its tensor's ratio. Elementwise ops give the same numbers on the slices.
+std::vector<Block> cpu_blocks(at::TensorList params, at::TensorList grads, const std::vector<at::Tensor>& ratios) {
+  std::vector<Block> blocks(1);
+  int64_t block_numel = 0;
+  for (const auto i : c10::irange(params.size())) {
+    const at::Tensor& param = params[i];
+    const at::Tensor& grad = grads[i];
+    std::vector<at::Tensor> param_pieces{param};
+    std::vector<at::Tensor> grad_pieces{grad};
+    if (grad.numel() > kCpuBlockNumel && param.is_contiguous() && grad.is_contiguous()) {
+      param_pieces = param.view(-1).split(kCpuBlockNumel);
+      grad_pieces = grad.view(-1).split(kCpuBlockNumel);
+    }
+    for (const auto j : c10::irange(grad_pieces.size())) {
+      if (block_numel >= kCpuBlockNumel) {
+        blocks.emplace_back();
+        block_numel = 0;
+      }
+      blocks.back().params.push_back(param_pieces[j]);
+      blocks.back().grads.push_back(grad_pieces[j]);
+      blocks.back().ratios.push_back(ratios[i]);
+      block_numel += grad_pieces[j].numel();
+    }
+  }
+  return blocks;
+}
+
 // g = (g + weight_decay * w) * r for tensors of one device and dtype, given their norms.
 void scale_by_trust_ratio_(
     at::TensorList params,
@@ -88,11 +127,24 @@ void scale_by_trust_ratio_(
     double eps,
     double trust_coef,
     bool clip) {
-  const at::Tensor ratios = trust_ratio(param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip);
-  if (weight_decay != 0) {
-    at::_foreach_add_(grads, params, weight_decay);
+  const std::vector<at::Tensor> ratios =
+      trust_ratio(param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip)
+          .to(grads[0].scalar_type())
+          .unbind(0);
+  if (weight_decay == 0) {
+    at::_foreach_mul_(grads, ratios);
+    return;
   }
-  at::_foreach_mul_(grads, ratios.to(grads[0].scalar_type()).unbind(0));
+  // On the CPU, adding the decay and multiplying one cache-sized block at a time reads and
+  // writes each gradient from memory once instead of twice. (On a GPU, blocks would multiply
+  // the kernel launches.)
+  const auto blocks = grads[0].device().is_cpu()
+      ? cpu_blocks(params, grads, ratios)
+      : std::vector<Block>{{params.vec(), grads.vec(), ratios}};
+  for (const auto& block : blocks) {
+    at::_foreach_add_(block.grads, block.params, weight_decay);
+    at::_foreach_mul_(block.grads, block.ratios);
+  }
 }
 
 } // namespace
