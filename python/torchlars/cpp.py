@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from torchlars._extension import _C
+from torchlars.lars import evaluate_closure
 
 __all__ = ["LARS"]
 
@@ -91,10 +92,7 @@ class LARS:
             closure: re-evaluates the model and returns the loss; it runs first, so the
                 gradients it produces are the ones that get scaled.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._lars.step()
         return loss
 

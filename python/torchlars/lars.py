@@ -131,10 +131,7 @@ class LARS(Optimizer):
             closure: re-evaluates the model and returns the loss; it runs first, so the
                 gradients it produces are the ones that get scaled.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         adapted_groups = [group for group in self.param_groups if not group.get("lars_exclude", False)]
         with torch.no_grad():
             self._scale_gradients(adapted_groups)
@@ -229,6 +226,14 @@ class LARS(Optimizer):
             self.clip = bool(settings["clip"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss, computed with grad enabled (``step`` may run under ``no_grad``)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
