@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 from datetime import timedelta
+import faulthandler
 import json
 import os
+import sys
 import traceback
 
 import torch
@@ -37,6 +39,9 @@ ATOL = 1e-6
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Entry point of ``torch.multiprocessing.start_processes``: run every case on this rank."""
+    # If a native crash kills the rank (SIGABRT, SIGSEGV), the test's captured stderr shows
+    # where every thread was.
+    faulthandler.enable(all_threads=True)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -51,9 +56,18 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             results[name] = {"error": None, "collectives": case()}
         except Exception:  # reported to the test, which fails on it
             results[name] = {"error": traceback.format_exc(), "collectives": None}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
+    # Written whole or not at all: a file that exists holds every case's result.
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as file:
         json.dump(results, file)
+    os.replace(path + ".tmp", path)
+    # No rank tears its connections down while the other may still use them; then leave
+    # without the interpreter's finalisation, which gloo's threads can race with.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _model() -> nn.Module:
