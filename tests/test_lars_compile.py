@@ -103,3 +103,47 @@ def test_other_bases_run_under_compile():
         eager.step()
     for param, expected in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+
+
+def _odd_params():
+    """Parameters that make the compiled CPU norms (rows of 4096 elements) take every branch:
+    whole rows plus a tail, a non-contiguous parameter, one under a row, and a bf16 one."""
+    generator = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(70, 130, generator=generator),  # 2 rows of 4096 and a tail of 908
+        torch.randn(130, 64, generator=generator).t(),  # exactly 2 rows, not contiguous
+        torch.randn(5, generator=generator),  # tail only
+        torch.randn(90, 100, generator=generator).to(torch.bfloat16),  # norms accumulated in fp32
+    ]
+    return [torch.nn.Parameter(t) for t in tensors]
+
+
+def test_compiled_norms_of_large_strided_and_half_tensors_match_eager():
+    params = _odd_params()
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    generator = torch.Generator().manual_seed(4)
+    for param, eager_param in zip(params, eager_params):
+        param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+        eager_param.grad = param.grad.clone()
+    optimizer = LARS(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2), trust_coef=0.02)
+    eager = LARS(torch.optim.SGD(eager_params, lr=0.1, momentum=0.9, weight_decay=1e-2), trust_coef=0.02)
+
+    torch.compile(optimizer.step, fullgraph=True)()
+    eager.step()
+    for param, eager_param in zip(params, eager_params):
+        # The written-back gradient carries the trust ratio, so a wrong norm shows here.
+        tolerance = dict(rtol=1e-2, atol=1e-5) if param.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(param.grad, eager_param.grad, **tolerance)
+        torch.testing.assert_close(param, eager_param, **tolerance)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_row_blocked_sum_of_squares_is_the_exact_sum_to_float_rounding(index):
+    from torchlars._functional import _row_blocked_sum_of_squares
+
+    tensor = _odd_params()[index].detach()
+    dtype = torch.float32 if tensor.dtype == torch.bfloat16 else None
+    exact = tensor.double().square().sum()
+    total = _row_blocked_sum_of_squares(tensor, dtype)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), exact, rtol=1e-6, atol=0)
