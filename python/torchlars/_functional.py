@@ -215,11 +215,12 @@ _NORM_ROW = 4096
 def _row_blocked_sum_of_squares(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
     """The sum of squares of ``tensor``, as a sum over rows of ``_NORM_ROW`` elements.
 
-    For torch.compile on the CPU. There Inductor runs ``_foreach_norm`` as its ATen fallback
-    (about half of memory speed on this project's machine) and compiles a plain sum of squares
-    into a cascade summation that is slower still; rows summed one by one, then the row sums,
-    compile into loops at memory speed. Each row's float sum is short, so the result is also
-    closer to the exact norm than the single long accumulation of ``_foreach_norm``.
+    For torch.compile on the CPU only (eager steps and liblars keep ``_foreach_norm``). There
+    Inductor runs ``_foreach_norm`` as its ATen fallback and compiles a plain sum of squares
+    into a cascade summation, both well under memory speed; rows summed one by one, then the
+    row sums, compile into plain vectorised loops, which take ResNet-50's two norms from 21 to
+    13 ms on this project's 2-core machine. Each row's float sum is short, so the result is
+    also closer to the exact norm than ``_foreach_norm``'s single long accumulation.
     """
     flat = tensor.reshape(-1)
     if dtype is not None:
