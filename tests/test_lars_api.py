@@ -1,5 +1,6 @@
 """LARS as a torch.optim.Optimizer: construction, errors, hooks, schedulers, state dicts."""
 
+import collections
 import copy
 import io
 import pickle
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchlars import LARS
 
@@ -160,6 +162,40 @@ def test_step_runs_on_meta_tensors_so_it_never_syncs():
             base = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:2], "lars_exclude": True},
                                     {"params": params[2:]}], lr=lr, momentum=0.9, weight_decay=1e-4)
             LARS(base, clip=clip).step()
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(num_params, clip):
+    params = [torch.nn.Parameter(torch.empty(16, 8, device="meta")) for _ in range(num_params)]
+    for param in params:
+        param.grad = torch.empty_like(param)
+    # foreach=True: on the meta device SGD would otherwise pick its per-parameter loop.
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    optimizer = LARS(base, clip=clip)
+    optimizer.step()  # the first step creates SGD's momentum buffers, one per parameter
+    with _CountOps() as counter:
+        optimizer.step()
+    return counter.ops
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
+def test_operators_per_step_do_not_grow_with_the_number_of_parameters(clip):
+    # Multi-tensor ops: the same operators whether the model has 4 parameters or 64, so on a
+    # GPU the launches per step do not grow with the model's depth (torchlars 0.1.2 looped).
+    few, many = _ops_per_step(4, clip), _ops_per_step(64, clip)
+    assert many == few
+    assert any("_foreach_norm" in op for op in few)
 
 
 def test_zero_grad_and_add_param_group_reach_the_base():
