@@ -71,26 +71,13 @@ def lars_scale_gradients_(
     if backend == "foreach":
         func = _multi_tensor_lars_scale_gradients_
     elif backend == "cpp":
-        func = _cpp_lars_scale_gradients_
+        # Imported here: the pure-Python package works without the C++ extension.
+        from torchlars import ops
+
+        func = ops.lars_scale_gradients_
     else:
         raise ValueError(f"lars_scale_gradients_: `backend` must be 'foreach' or 'cpp', got {backend!r}")
     func(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip)
-
-
-def _cpp_lars_scale_gradients_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    *,
-    weight_decay: float,
-    lr: float | Tensor,
-    eps: float,
-    trust_coef: float,
-    clip: bool,
-) -> None:
-    # Imported here: the pure-Python package works without the C++ extension.
-    from torchlars import ops
-
-    ops.lars_scale_gradients_(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip)
 
 
 def _multi_tensor_lars_scale_gradients_(
