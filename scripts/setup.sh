@@ -1,22 +1,52 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: system packages, a pinned CPU torch, and torchlars built against it.
+# Set up a machine for torchlars, idempotently: system packages, a Python environment (the
+# active one, else .venv, see _python.sh), torch (kept if there; else the CPU build of
+# $TORCH_VERSION), and torchlars built against that torch with its C++ tests and examples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_python.sh
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
-if command -v apt-get >/dev/null && ! dpkg -s libgtest-dev libbenchmark-dev >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq cmake ninja-build libgtest-dev libbenchmark-dev >/dev/null
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_packages=()
+if command -v apt-get >/dev/null; then
+    for package in g++ cmake ninja-build libgtest-dev libbenchmark-dev; do
+        dpkg -s "$package" >/dev/null 2>&1 || apt_packages+=("$package")
+    done
+    # A system Python needs its venv module and headers from Debian.
+    if [ "$PY" = "$PWD/.venv/bin/python" ] && [ ! -x "$PY" ] && ! "$BASE_PY" -c "import ensurepip" 2>/dev/null; then
+        apt_packages+=("python3-venv")
+    fi
+    if ! "$BASE_PY" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
+        apt_packages+=("python3-dev")
+    fi
+    if [ ${#apt_packages[@]} -gt 0 ]; then
+        echo "== apt-get install ${apt_packages[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+    fi
 fi
 
-PYTHON=${PYTHON:-python3}
-# Keep a torch that is already there (the CUDA build on a GPU machine); otherwise pin the
-# CPU build, since an unpinned torch would pull a multi-GB CUDA wheel.
-if ! $PYTHON -c "import torch" 2>/dev/null; then
-    $PYTHON -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+if [ ! -x "$PY" ]; then
+    echo "== creating .venv with $BASE_PY (no Python environment is active)"
+    "$BASE_PY" -m venv --system-site-packages .venv
 fi
-$PYTHON -m pip install -q "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
-# One build, kept in build/python: the wheel, and the C++ tests and example that
-# scripts/test.sh runs with ctest there.
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} $PYTHON -m pip install -q --no-build-isolation \
-    -C cmake.define.LARS_BUILD_TESTS=ON -C cmake.define.LARS_BUILD_EXAMPLES=ON .
+echo "== Python: $PY"
+
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    # The CPU build: PyPI's Linux torch is the CUDA build, several GB. PyTorch's CPU index
+    # serves +cpu builds (a local wheel store configured for pip may serve them too).
+    echo "== installing torch==$TORCH_VERSION+cpu"
+    pip_install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+        || pip_install "torch==$TORCH_VERSION+cpu" --index-url https://download.pytorch.org/whl/cpu \
+               --extra-index-url https://pypi.org/simple \
+        || pip_install "torch==$TORCH_VERSION"
+fi
+echo "== torch $("$PY" -c 'import torch; print(torch.__version__)')"
+pip_install "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
+# One build, kept in $BUILD_DIR (incremental on a rerun): the package, and the C++ tests and
+# examples that scripts/test.sh runs with ctest there.
+echo "== building torchlars"
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip_install --no-build-isolation --no-deps \
+    -C build-dir="$BUILD_DIR" -C cmake.define.LARS_BUILD_TESTS=ON -C cmake.define.LARS_BUILD_EXAMPLES=ON .
