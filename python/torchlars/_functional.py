@@ -1,19 +1,27 @@
 """The LARS maths, in one place.
 
-``lars_scale_gradients_`` is the functional entry point: it picks an implementation
-(``_multi_tensor_lars_scale_gradients_`` here, the C++ operators of ``torchlars.ops``
-when asked) the way ``torch.optim.sgd.sgd`` picks between its own.
+Two functional entry points, each picking an implementation the way ``torch.optim.sgd.sgd``
+picks between its own:
+
+- ``lars_scale_gradients_`` scales the gradients for any base optimizer
+  (``_multi_tensor_lars_scale_gradients_`` here, the C++ operators of ``torchlars.ops`` when
+  asked);
+- ``lars_sgd`` is a whole LARS + momentum-SGD step (``_fused_lars_sgd``, liblars's fused
+  operator, or ``_multi_tensor_lars_sgd``, the same contract in ``torch._foreach_*`` ops).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import importlib.util
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["lars_scale_gradients_", "trust_ratio"]
+from torchlars._param_norms import CarriedParamNorms
+
+__all__ = ["lars_scale_gradients_", "lars_sgd", "trust_ratio"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -218,3 +226,243 @@ def _row_blocked_sum_of_squares(tensor: Tensor, dtype: torch.dtype | None) -> Te
     if rows:
         total = body.view(rows, _NORM_ROW).square().sum(1).sum() + total
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# A whole LARS + momentum-SGD step
+
+
+def lars_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    carried_norms: CarriedParamNorms | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> None:
+    r"""One LARS step of momentum SGD for the parameters of one param group.
+
+    .. math::
+        g &\leftarrow -g \text{ if maximize} \qquad
+        r = \text{trust\_ratio}(\|w\|, \|g\|) \qquad d = (g + \lambda w) \, r \\
+        b &\leftarrow d \text{ on the first step, else } \mu b + (1 - \tau) d \qquad
+        d \leftarrow d + \mu b \text{ if nesterov, else } b \\
+        w &\leftarrow w - \gamma d
+
+    with :math:`r` from :func:`trust_ratio`: the numbers of ``LARS(torch.optim.SGD(...))``.
+    ``momentum_buffer_list[i]`` is ``params[i]``'s buffer, or None before its first step
+    (then set here, as ``torch.optim.sgd.sgd`` does). ``grads`` are left as they are.
+    ``grad_scale`` and ``found_inf`` are ``torch.amp.GradScaler``'s: the gradients are
+    divided by ``grad_scale``, and nothing changes if ``found_inf`` is non-zero.
+
+    ``fused=True`` steps with liblars's fused operator ``torch.ops.torchlars.lars_sgd_`` (CPU
+    tensors; the norms ``||w||`` are carried in ``carried_norms`` from one step to the next),
+    except under ``torch.compile``, where Inductor fuses the ``torch._foreach_*`` ops of
+    ``_multi_tensor_lars_sgd`` instead. ``fused=None`` and ``foreach=None`` pick the fused
+    operator where it runs (CPU tensors, the C++ extension installed, eager) and the
+    ``torch._foreach_*`` ops elsewhere; ``foreach=False`` steps one parameter at a time.
+    """
+    if not params:
+        return
+    if fused is None and foreach is None:
+        fused = fused_lars_sgd_supports(params)
+    if fused and not torch.compiler.is_compiling():
+        _fused_lars_sgd(
+            params,
+            grads,
+            momentum_buffer_list,
+            carried_norms=carried_norms if carried_norms is not None else CarriedParamNorms(),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+        )
+        return
+    settings = dict(
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        eps=eps,
+        trust_coef=trust_coef,
+        clip=clip,
+    )
+    if fused or foreach or foreach is None:
+        _multi_tensor_lars_sgd(params, grads, momentum_buffer_list, **settings)
+        return
+    for index in range(len(params)):
+        buffers = momentum_buffer_list[index : index + 1]
+        _multi_tensor_lars_sgd(params[index : index + 1], grads[index : index + 1], buffers, **settings)
+        momentum_buffer_list[index : index + 1] = buffers
+
+
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fused_lars_sgd_supports(params: list[Tensor]) -> bool:
+    """Whether liblars's fused operator can step ``params`` (and is installed)."""
+    return (
+        all(param.device.type == "cpu" and param.dtype in FUSED_DTYPES for param in params)
+        and importlib.util.find_spec("torchlars._C") is not None
+    )
+
+
+def _fused_lars_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    carried_norms: CarriedParamNorms,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> None:
+    # Imported here: the pure-Python package works without the C++ extension.
+    from torchlars import ops  # noqa: F401  (defines torch.ops.torchlars)
+
+    # The kernel skips an overflowing step by itself. Returning here as well keeps the
+    # momentum buffers of a skipped first step unset, so the next step is a first step, as
+    # with GradScaler and a plain SGD. Reading the flag is no device sync: the kernel is CPU-only.
+    if found_inf is not None and found_inf.item():
+        return
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(lr, dtype=torch.float64)
+    grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
+    for (device, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
+        # One operator call per kind of momentum buffer: those to initialise (a first step)
+        # and those to update; normally all of a group's parameters are of one kind.
+        calls = {False: [], True: []}
+        for position, buffer in enumerate(device_buffers):
+            calls[momentum != 0 and buffer is None].append(position)
+        for is_first_step, positions in calls.items():
+            if not positions:
+                continue
+            step_params = [device_params[i] for i in positions]
+            buffers: list[Tensor] = []
+            if momentum != 0:
+                for i in positions:
+                    if is_first_step:
+                        device_buffers[i] = momentum_buffer_list[indices[i]] = torch.empty_like(device_params[i])
+                    buffers.append(device_buffers[i])
+            key = (device, dtype, is_first_step)
+            param_norms = carried_norms.lookup(key, step_params)
+            torch.ops.torchlars.lars_sgd_(
+                step_params,
+                [device_grads[i] for i in positions],
+                buffers,
+                param_norms,
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                maximize=maximize,
+                is_first_step=is_first_step,
+                eps=eps,
+                trust_coef=trust_coef,
+                clip=clip,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+            carried_norms.carry(key, step_params, param_norms)
+
+
+def _multi_tensor_lars_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> None:
+    grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
+    for (_, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
+        # New tensors from here on: the caller's gradients stay as they are.
+        if grad_scale is not None:
+            device_grads = torch._foreach_div(device_grads, grad_scale)
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        param_norms, grad_norms = _param_and_grad_norms(device_params, device_grads, dtype)
+        ratios = trust_ratio(
+            param_norms,
+            grad_norms,
+            weight_decay=weight_decay,
+            lr=lr,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+        ).unbind(0)
+        if weight_decay != 0:
+            updates = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+            torch._foreach_mul_(updates, ratios)
+        else:
+            updates = torch._foreach_mul(device_grads, ratios)
+        if found_inf is not None:
+            # Kept to restore on an overflow: buffers before their update, parameters before theirs.
+            old_params = [param.clone() for param in device_params]
+            old_buffers = [None if buffer is None else buffer.clone() for buffer in device_buffers]
+        if momentum != 0:
+            buffers = []
+            for i, (update, buffer) in enumerate(zip(updates, device_buffers)):
+                if buffer is None:
+                    buffer = device_buffers[i] = momentum_buffer_list[indices[i]] = update.clone()
+                else:
+                    buffer.mul_(momentum).add_(update, alpha=1 - dampening)
+                buffers.append(buffer)
+            if nesterov:
+                torch._foreach_add_(updates, buffers, alpha=momentum)
+            else:
+                updates = buffers
+        if isinstance(lr, Tensor):
+            # alpha=<tensor> would wait on the device for its value (.item()).
+            torch._foreach_add_(device_params, torch._foreach_mul(updates, -lr))
+        else:
+            torch._foreach_add_(device_params, updates, alpha=-lr)
+        if found_inf is not None:
+            skip = found_inf != 0
+            for param, old in zip(device_params, old_params):
+                param.copy_(torch.where(skip, old, param))
+            for buffer, old in zip(device_buffers, old_buffers):
+                # A first step's new buffer has nothing to go back to: zeros, which the next
+                # step's update turns into that step's d (exactly so when dampening is 0).
+                buffer.copy_(torch.where(skip, torch.zeros_like(buffer) if old is None else old, buffer))

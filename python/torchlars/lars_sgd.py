@@ -1,0 +1,269 @@
+"""``LARSSGD``: LARS with momentum SGD, built from params like every ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+from torch.optim.sgd import sgd
+
+from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd
+from torchlars._param_norms import CarriedParamNorms
+
+__all__ = ["LARSSGD"]
+
+
+class LARSSGD(Optimizer):
+    r"""LARS (You, Gitman & Ginsburg, 2017) with momentum SGD, in one optimizer built from params.
+
+    Implements `Large Batch Training of Convolutional Networks <https://arxiv.org/abs/1708.03888>`_
+    with the numbers of ``torchlars.LARS(torch.optim.SGD(...))``. For every parameter
+    :math:`w` with gradient :math:`g`, learning rate :math:`\gamma`, weight decay
+    :math:`\lambda`, momentum :math:`\mu` and dampening :math:`\tau`:
+
+    .. math::
+        r &= \begin{cases}
+            \eta \, \|w\|_2 / (\|g\|_2 + \lambda \|w\|_2 + \epsilon)
+                & \text{if } \|w\|_2 > 0 \text{ and } \|g\|_2 > 0 \\
+            1 & \text{otherwise}
+        \end{cases}
+        \qquad r \leftarrow \min(r / \gamma, 1) \text{ only if clip (LARC)} \\
+        d &= (g + \lambda w) \, r \qquad
+        b \leftarrow \mu b + (1 - \tau) d \;(b = d \text{ on the first step}) \qquad
+        w \leftarrow w - \gamma \, (d + \mu b \text{ if nesterov, else } b)
+
+    where :math:`\eta` is ``trust_coef`` and :math:`g` is negated first if ``maximize``.
+    Groups with ``"lars_exclude": True`` step as plain ``torch.optim.SGD`` (see
+    :func:`torchlars.exclude_bias_and_norm`). The state is ``torch.optim.SGD``'s
+    (``state[p]["momentum_buffer"]``), so the state dicts of the two load into each other.
+
+    Being an ordinary ``Optimizer`` class, it can be built by tools that take an optimizer
+    class and its options: ``ZeroRedundancyOptimizer(params, optimizer_class=LARSSGD, lr=...)``,
+    horovod's ``DistributedOptimizer``, Lightning CLI, Hydra's ``_target_``.
+
+    Args:
+        params: parameters or param groups; a group may set any option below and ``"lars_exclude"``.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as in ``torch.optim.SGD``.
+        eps: added to the denominator of the trust ratio (default: 1e-8).
+        trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
+        clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does (default: False).
+        foreach: ``torch._foreach_*`` ops (True), one parameter at a time (False), or
+            chosen with ``fused`` (None).
+        fused: liblars's fused LARS-momentum operator, one pass over each parameter, its
+            gradient and its momentum buffer (CPU tensors of fp32, fp64, bf16 or fp16). None
+            (the default) takes it wherever it runs and ``torch._foreach_*`` ops elsewhere.
+            With it, ``torch.amp.GradScaler`` unscales inside the step and skips an overflowing
+            step without waiting for the device.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        eps: float = 1e-8,
+        trust_coef: float = 0.001,
+        clip: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("LARSSGD: a tensor `lr` must have one element")
+        if not lr >= 0.0:
+            raise ValueError(f"LARSSGD: `lr` must be non-negative, got {lr}")
+        if not momentum >= 0.0:
+            raise ValueError(f"LARSSGD: `momentum` must be non-negative, got {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"LARSSGD: `weight_decay` must be non-negative, got {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("LARSSGD: `nesterov=True` needs a positive `momentum` and `dampening=0`")
+        if not eps >= 0.0:
+            raise ValueError(f"LARSSGD: `eps` must be non-negative, got {eps}")
+        if not trust_coef >= 0.0:
+            raise ValueError(f"LARSSGD: `trust_coef` must be non-negative, got {trust_coef}")
+        if fused and foreach:
+            raise ValueError("LARSSGD: `fused=True` and `foreach=True` cannot be set together")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "eps": eps,
+            "trust_coef": trust_coef,
+            "clip": clip,
+        }
+        super().__init__(params, defaults)
+        self._carried_norms = []
+        if fused:
+            for group_index, group in enumerate(self.param_groups):
+                for param_index, param in enumerate(group["params"]):
+                    check_fused_param(param, f"parameter {param_index} of param group {group_index}", "LARSSGD")
+        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and
+        # checking for infs itself with a host sync. The fused path takes them; fused=None
+        # takes it when every parameter is one the fused operator steps.
+        all_params = [param for group in self.param_groups for param in group["params"]]
+        self._step_supports_amp_scaling = bool(fused) or (
+            fused is None and foreach is None and fused_lars_sgd_supports(all_params)
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A plain torch.optim.SGD state dict has none of LARS's settings: take the defaults.
+        for group in self.param_groups:
+            for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip"):
+                group.setdefault(name, self.defaults[name])
+        # Not part of the state, and forgotten on load_state_dict (which calls this), since a
+        # loaded state dict usually comes with loaded parameters: recomputed, bit for bit.
+        self._carried_norms: list[CarriedParamNorms] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_carried_norms", None)
+        return state
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LARS step of every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first (with grad
+                enabled), so the gradients it produces are the ones stepped on.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Every group's gradients are checked before any parameter changes.
+        gathered = [
+            params_with_dense_grads(group, group_index, "LARSSGD")
+            for group_index, group in enumerate(self.param_groups)
+        ]
+        while len(self._carried_norms) < len(self.param_groups):
+            self._carried_norms.append(CarriedParamNorms())
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        with torch.no_grad():
+            for group, (params, grads), carried_norms in zip(self.param_groups, gathered, self._carried_norms):
+                step_group(
+                    group,
+                    params,
+                    grads,
+                    self.state,
+                    carried_norms=carried_norms,
+                    eps=group["eps"],
+                    trust_coef=group["trust_coef"],
+                    clip=group["clip"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+        return loss
+
+
+def step_group(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: dict,
+    *,
+    carried_norms: CarriedParamNorms,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Step one SGD param group with LARS, or as plain SGD if it is ``"lars_exclude"``.
+
+    The momentum buffers live in ``state[p]["momentum_buffer"]``, as ``torch.optim.SGD`` keeps them.
+    """
+    if not params:
+        return
+    momentum = group["momentum"]
+    buffers = [state[param].get("momentum_buffer") if momentum != 0 else None for param in params]
+    options = dict(
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        momentum=momentum,
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=group.get("maximize", False),
+    )
+    if group.get("lars_exclude", False):
+        # torch's SGD takes grad_scale and found_inf on its fused path only.
+        amp = grad_scale is not None or found_inf is not None
+        sgd(
+            params,
+            grads,
+            buffers,
+            foreach=group.get("foreach"),
+            fused=True if amp else group.get("fused"),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **options,
+        )
+    else:
+        lars_sgd(
+            params,
+            grads,
+            buffers,
+            carried_norms=carried_norms,
+            foreach=group.get("foreach"),
+            fused=group.get("fused"),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+            **options,
+        )
+    if momentum != 0:
+        for param, buffer in zip(params, buffers):
+            state[param]["momentum_buffer"] = buffer
+
+
+def params_with_dense_grads(group: dict[str, Any], group_index: int, owner: str) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones."""
+    params, grads = [], []
+    for param_index, param in enumerate(group["params"]):
+        if param.grad is None:
+            continue
+        if group.get("fused") and not group.get("lars_exclude", False):
+            check_fused_param(param, f"parameter {param_index} of param group {group_index}", owner)
+        if param.grad.is_sparse and not group.get("lars_exclude", False):
+            raise RuntimeError(
+                f"{owner} does not support sparse gradients: parameter {param_index} of param group "
+                f"{group_index} has one. Put it in a group with \"lars_exclude\": True, or use a "
+                "dense gradient (e.g. nn.Embedding(sparse=False))."
+            )
+        params.append(param)
+        grads.append(param.grad)
+    return params, grads
+
+
+def check_fused_param(param: Tensor, position: str, owner: str) -> None:
+    """Refuse, naming the option, a parameter that liblars's fused operator cannot step."""
+    if param.device.type != "cpu":
+        raise RuntimeError(
+            f"{owner}: `fused=True` steps CPU tensors only (liblars's fused operator has no "
+            f"{param.device.type} kernel yet), but {position} is on {param.device}. "
+            "Use fused=None or foreach=True, which step it with torch._foreach_* ops."
+        )
+    if param.dtype not in FUSED_DTYPES:
+        raise RuntimeError(
+            f"{owner}: `fused=True` steps floating-point parameters of "
+            f"{', '.join(str(dtype).removeprefix('torch.') for dtype in FUSED_DTYPES)}, "
+            f"but {position} is {param.dtype}."
+        )
+    if param.grad is not None and param.grad.is_sparse:
+        raise RuntimeError(f"{owner}: `fused=True` does not support sparse gradients, but {position} has one.")
