@@ -26,6 +26,23 @@ at::Tensor trust_ratio(
   return ratio;
 }
 
+double trust_ratio(
+    double param_norm,
+    double grad_norm,
+    double weight_decay,
+    double lr,
+    double eps,
+    double trust_coef,
+    bool clip) {
+  double ratio = param_norm > 0 && grad_norm > 0
+      ? trust_coef * param_norm / (grad_norm + weight_decay * param_norm + eps)
+      : 1.0;
+  if (clip) {
+    ratio = std::min(ratio / lr, 1.0);
+  }
+  return ratio;
+}
+
 namespace {
 
 // The tensors of one device and dtype, as multi-tensor kernels want them.

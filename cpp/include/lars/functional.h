@@ -24,6 +24,16 @@ at::Tensor trust_ratio(
     double trust_coef,
     bool clip);
 
+/// The same ratio for one parameter, from its norms as numbers: the fused step's (fused.h).
+double trust_ratio(
+    double param_norm,
+    double grad_norm,
+    double weight_decay,
+    double lr,
+    double eps,
+    double trust_coef,
+    bool clip);
+
 /// Replaces every gradient by its LARS-scaled version, in place:
 ///
 ///     g = (g + weight_decay * w) * r
