@@ -2,13 +2,14 @@
 
 import collections
 import copy
+import functools
 import io
 import pickle
 
 import pytest
 import torch
 from torch.optim import lr_scheduler
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchlars import LARS
@@ -215,22 +216,102 @@ def test_zero_grad_and_add_param_group_reach_the_base():
 # --- hooks --------------------------------------------------------------------------------
 
 
-def test_step_hooks_run_around_the_step():
+def _compiled(step):
+    return torch.compile(step, fullgraph=True)
+
+
+STEP_MODES = {"eager": lambda step: step, "compiled": _compiled}
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", sorted(STEP_MODES))
+def test_each_hook_runs_once_per_step(mode, fresh_dynamo):
     model = make_model()
     optimizer = make_lars(model)
     calls = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", opt)))
-    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", opt)))
-    handle = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: calls.append(("global", type(opt).__name__)))
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", type(opt).__name__)))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", type(opt).__name__)))
+    optimizer.optim.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("base pre", type(opt).__name__)))
+    optimizer.optim.register_step_post_hook(lambda opt, args, kwargs: calls.append(("base post", type(opt).__name__)))
+    handles = [
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append(("global pre", type(opt).__name__))),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(("global post", type(opt).__name__))),
+    ]
+    step = STEP_MODES[mode](lambda: optimizer.step())
     try:
         backward(model)
-        optimizer.step()
+        step()
     finally:
-        handle.remove()
-    assert calls[0] == ("pre", optimizer)
-    assert ("post", optimizer) in calls
-    assert ("global", "LARS") in calls and ("global", "SGD") in calls
+        for handle in handles:
+            handle.remove()
+    # The global hooks see the optimizer the user steps, once; the base's own hooks run around its step.
+    assert calls == [("global pre", "LARS"), ("pre", "LARS"), ("base pre", "SGD"), ("base post", "SGD"),
+                     ("post", "LARS"), ("global post", "LARS")]
+
+
+@pytest.mark.parametrize("mode", sorted(STEP_MODES))
+def test_pre_hook_return_values_are_honoured(mode, fresh_dynamo):
+    model = make_model()
+    reference_model = copy.deepcopy(model)
+    optimizer = make_lars(model)
+    reference = make_lars(reference_model)
+    backward(reference_model, seed=2)
+    fresh_grads = [p.grad.clone() for p in reference_model.parameters()]
+    backward(model, seed=1)  # stale gradients that the hook's closure must replace
+    base_closure_calls = []
+
+    def closure():
+        for param, grad in zip(model.parameters(), fresh_grads):
+            param.grad.copy_(grad)
+
+    # A LARS pre-hook that supplies the closure, and a base pre-hook that hands the base one.
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: ((opt,), {"closure": closure}))
+    optimizer.optim.register_step_pre_hook(
+        lambda opt, args, kwargs: ((opt,), {"closure": lambda: base_closure_calls.append("called")}))
+    STEP_MODES[mode](lambda: optimizer.step())()
+    reference.step()
+    assert base_closure_calls == ["called"]
+    for param, expected in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_pre_hook_return_value_is_refused_like_torch_refuses_it():
+    model = make_model()
+    optimizer = make_lars(model)
+    optimizer.optim.register_step_pre_hook(lambda opt, args, kwargs: "not (args, kwargs)")
+    backward(model)
+    with pytest.raises(RuntimeError, match="new_args, new_kwargs"):
+        optimizer.step()
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
+def test_subclass_wrapper_of_step_is_kept(fresh_dynamo):
+    calls = []
+
+    def recorded(step):
+        @functools.wraps(step)
+        def wrapper(self, *args, **kwargs):
+            calls.append("wrapper")
+            return step(self, *args, **kwargs)
+        return wrapper
+
+    class RecordedSGD(torch.optim.SGD):
+        @recorded
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = make_model()
+    optimizer = LARS(RecordedSGD(model.parameters(), lr=0.1, weight_decay=1e-3))
+    backward(model)
+    optimizer.step()
+    torch.compile(optimizer.step)()
+    assert calls == ["wrapper", "wrapper"]
 
 
 def test_state_dict_hooks_run():

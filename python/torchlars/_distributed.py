@@ -30,7 +30,7 @@ from torchlars._functional import _param_and_grad_norms, _scale_by_trust_ratio_
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["is_dtensor", "lars_scale_dtensor_gradients_", "sharding_problem", "split_dtensors"]
+__all__ = ["flat_shard_problem", "is_dtensor", "lars_scale_dtensor_gradients_", "sharding_problem", "split_dtensors"]
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -40,8 +40,34 @@ def is_dtensor(tensor: Tensor) -> bool:
     return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
 
 
+def flat_shard_problem(param: Tensor) -> str | None:
+    """Why LARS cannot scale ``param`` if it is (a view into) a flat shard of FSDP1, else None.
+
+    FSDP1 (``FullyShardedDataParallel``) flattens a module's parameters into one
+    ``FlatParameter`` and hands each rank a piece of it, so a local norm is neither a layer's
+    nor the whole's. With ``use_orig_params=True`` the original parameters are views into that
+    piece, which FSDP1 marks. (The attributes are FSDP1's own; FSDP2 uses DTensors instead.)
+    """
+    if is_dtensor(param):
+        return None
+    if getattr(param, "_is_flat_param", False):
+        kind = "an FSDP1 FlatParameter"
+    elif getattr(param, "_fsdp_flattened", False):
+        kind = "a view into an FSDP1 flat parameter (use_orig_params=True)"
+    else:
+        return None
+    return (
+        f"it is {kind}, whose local norm is that of a flat shard, not of a layer. Shard the model "
+        "with FSDP2 instead (torch.distributed.fsdp.fully_shard), whose DTensor parameters LARS "
+        "scales with whole-layer norms"
+    )
+
+
 def sharding_problem(param: Tensor) -> str | None:
-    """Why LARS cannot scale ``param.grad`` (DTensors), or None when it can."""
+    """Why LARS cannot scale ``param.grad`` (DTensors, FSDP1's flat shards), or None when it can."""
+    flat_shard = flat_shard_problem(param)
+    if flat_shard is not None:
+        return flat_shard
     grad = param.grad
     if not is_dtensor(param) and not is_dtensor(grad):
         return None

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import importlib
 import inspect
 from typing import Any
+import warnings
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from torchlars._distributed import lars_scale_dtensor_gradients_, sharding_problem, split_dtensors
+from torchlars._distributed import (
+    flat_shard_problem,
+    lars_scale_dtensor_gradients_,
+    sharding_problem,
+    split_dtensors,
+)
 from torchlars._functional import lars_scale_gradients_
+from torchlars.lars_sgd import forget_carried_norms, step_lars_of_fused_sgd, wraps_fused_sgd
 
 __all__ = ["LARS", "exclude_bias_and_norm"]
 
@@ -75,6 +82,7 @@ class LARS(Optimizer):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
         _check_settings(eps=eps, trust_coef=trust_coef, clip=clip)
         _check_backend(backend)
+        _check_base(optimizer, backend)
         self.optim = optimizer
         self.eps = float(eps)
         self.trust_coef = float(trust_coef)
@@ -91,6 +99,11 @@ class LARS(Optimizer):
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optim.param_groups = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then passes grad_scale and found_inf to step instead of unscaling itself.
+        return wraps_fused_sgd(self.optim)
 
     @property
     def state(self) -> dict:
@@ -133,39 +146,64 @@ class LARS(Optimizer):
         """
         loss = evaluate_closure(closure)
         adapted_groups = [group for group in self.param_groups if not group.get("lars_exclude", False)]
+        for group in adapted_groups:  # options can change between steps; refused before anything is modified
+            _check_group_options(group, self.param_groups, self.backend)
+        if wraps_fused_sgd(self.optim):
+            # One pass of liblars's fused LARS-momentum operator per parameter (lars_sgd.py).
+            step_lars_of_fused_sgd(self, adapted_groups)
+            return loss
         with torch.no_grad():
             self._scale_gradients(adapted_groups)
-        weight_decays = [group.get("weight_decay") for group in adapted_groups]
-        for group in adapted_groups:
-            if "weight_decay" in group:
-                group["weight_decay"] = 0.0
+        taken_over = [{key: group[key] for key in _TAKEN_OVER if key in group} for group in adapted_groups]
+        for group, options in zip(adapted_groups, taken_over):
+            group.update({key: _TAKEN_OVER[key] for key in options})
         try:
             self._step_base()
         finally:
-            for group, weight_decay in zip(adapted_groups, weight_decays):
-                if weight_decay is not None:
-                    group["weight_decay"] = weight_decay
+            for group, options in zip(adapted_groups, taken_over):
+                group.update(options)
         return loss
 
     def _step_base(self) -> None:
-        if not torch.compiler.is_compiling():
-            self.optim.step()
+        """Step the wrapped optimizer with its own step hooks, and without the global ones.
+
+        The global step hooks already run around ``LARS.step`` (``Optimizer`` wraps every
+        optimizer's ``step`` in them), so calling ``self.optim.step()`` would run each twice.
+        Without ``_use_grad_for_differentiable`` (see :func:`_unhooked_step`) the base's update
+        also stays in the graph of ``LARS.step`` under ``torch.compile``.
+        """
+        base = self.optim
+        base_step = _unhooked_step(type(base))
+        pre_hooks = getattr(base, "_optimizer_step_pre_hooks", None)
+        post_hooks = getattr(base, "_optimizer_step_post_hooks", None)
+        if base_step is None or pre_hooks is None or post_hooks is None:
+            warnings.warn(_UNKNOWN_OPTIMIZER_INTERNALS, stacklevel=3)
+            base.step()
             return
-        # Optimizer.step graph-breaks around the update on purpose (torch.optim.optimizer's
-        # _use_grad), which would split the LARS step in two graphs. Under torch.compile LARS
-        # calls the undecorated step inside the same graph, with the grad mode that decorator
-        # would set and the base's step hooks, so the numbers are identical.
-        base_step = inspect.unwrap(type(self.optim).step)
-        for pre_hook in (*_global_optimizer_pre_hooks.values(), *self.optim._optimizer_step_pre_hooks.values()):
-            pre_hook(self.optim, (), {})
-        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
-            base_step(self.optim)
-        for post_hook in (*self.optim._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
-            post_hook(self.optim, (), {})
+        args: tuple = (base,)  # as torch's hooks get them: self first
+        kwargs: dict[str, Any] = {}
+        for pre_hook in pre_hooks.values():
+            result = pre_hook(base, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"a step pre-hook of the wrapped optimizer must return None or (new_args, new_kwargs), got {result!r}"
+                    )
+                args, kwargs = result
+        # The grad mode that _use_grad_for_differentiable would set.
+        with torch.set_grad_enabled(base.defaults.get("differentiable", False)):
+            base_step(*args, **kwargs)
+        for post_hook in post_hooks.values():
+            post_hook(base, args, kwargs)
 
     def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> None:
         # Per group, (plain params, grads) and (DTensor params, grads).
         gathered = [split_dtensors(*_params_with_dense_grads(group, self.param_groups)) for group in adapted_groups]
+        for group, ((_, grads), (_, dtensor_grads)) in zip(adapted_groups, gathered):
+            if group.get("maximize", False) and (grads or dtensor_grads):
+                # LARS on maximize=True is LARS on the negated loss, as in torch.optim: g -> -g
+                # before the decay is added (the base then steps with maximize=False).
+                torch._foreach_neg_([*grads, *(grad.to_local() for grad in dtensor_grads)])
         for group, ((params, grads), _) in zip(adapted_groups, gathered):
             lars_scale_gradients_(
                 params,
@@ -220,6 +258,7 @@ class LARS(Optimizer):
         if settings is not None:
             _check_settings(**settings)
         self.optim.load_state_dict(state_dict)
+        forget_carried_norms(self)
         if settings is not None:
             self.eps = float(settings["eps"])
             self.trust_coef = float(settings["trust_coef"])
@@ -243,6 +282,89 @@ def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
         raise ValueError(f"LARS: `trust_coef` must be non-negative, got {trust_coef}")
     if not isinstance(clip, bool):
         raise TypeError(f"LARS: `clip` must be a bool, got {torch.typename(clip)}")
+
+
+# The base's options that LARS applies itself in an adapted group, and what the base steps
+# with instead: the decay is folded into the scaled gradient, and so is the sign of maximize.
+_TAKEN_OVER = {"weight_decay": 0.0, "maximize": False}
+
+
+def _check_group_options(group: dict[str, Any], param_groups: list[dict[str, Any]], backend: str) -> None:
+    """Refuse, by name, an option of an adapted group that LARS cannot honour."""
+    if group.get("differentiable", False):
+        raise ValueError(
+            f"LARS: param group {_group_index(group, param_groups)} has differentiable=True, which LARS "
+            "does not support (its scaling of the gradients is not differentiable); build the base "
+            "optimizer with differentiable=False, or give the group \"lars_exclude\": True"
+        )
+    if backend == "cpp" and isinstance(group.get("weight_decay"), torch.Tensor):
+        raise ValueError(
+            f"LARS(backend='cpp'): param group {_group_index(group, param_groups)} has a tensor "
+            "weight_decay, which liblars's operator takes as a number; use backend='foreach' or a "
+            "float weight_decay"
+        )
+
+
+def _check_base(optimizer: Optimizer, backend: str) -> None:
+    """Refuse, at construction, a base optimizer LARS cannot wrap, by what to change."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"LARS cannot wrap {type(optimizer).__name__}: its step needs a closure, which it "
+            "evaluates several times per step (e.g. LBFGS's line search), so there is no one gradient "
+            "for LARS to scale; wrap an optimizer whose step(closure=None) can go without one"
+        )
+    for group in optimizer.param_groups:
+        if group.get("lars_exclude", False):
+            continue
+        _check_group_options(group, optimizer.param_groups, backend)
+        for param in group["params"]:
+            problem = flat_shard_problem(param)
+            if problem is not None:
+                raise ValueError(f"LARS cannot scale {_position(param, group, optimizer.param_groups)}: {problem}")
+
+
+def _torch_use_grad_code() -> Any:
+    """The code of ``torch.optim``'s ``_use_grad_for_differentiable`` wrapper, or None.
+
+    torch's optimizers decorate their ``step`` with it: it sets the grad mode and graph-breaks
+    on purpose under ``torch.compile``. A private name, looked up without failing: if a torch
+    release renames it, LARS still works, with the base's update in a graph of its own.
+    """
+    decorator = getattr(importlib.import_module("torch.optim.optimizer"), "_use_grad_for_differentiable", None)
+    return getattr(decorator(lambda self: None), "__code__", None) if callable(decorator) else None
+
+
+_USE_GRAD_CODE = _torch_use_grad_code()
+_UNKNOWN_OPTIMIZER_INTERNALS = (
+    "torchlars: this torch's torch.optim.Optimizer does not wrap step as torchlars knows it; "
+    "LARS steps the wrapped optimizer through its public step(), so global step hooks run twice "
+    "per step and torch.compile breaks the graph there. The numbers are unchanged."
+)
+if _USE_GRAD_CODE is None:
+    warnings.warn(
+        "torchlars: torch.optim.optimizer._use_grad_for_differentiable is not there in this torch; "
+        "under torch.compile the wrapped optimizer's update gets a graph of its own. The numbers "
+        "are unchanged.",
+        stacklevel=2,
+    )
+
+
+def _unhooked_step(optimizer_class: type) -> Callable[..., Any] | None:
+    """``optimizer_class.step`` without the layers ``torch.optim`` wraps around it, or None.
+
+    ``Optimizer`` wraps the ``step`` of every optimizer class in a layer that runs the global
+    and the optimizer's step hooks (and marks it ``hooked``); torch's optimizers decorate their
+    ``step`` with ``_use_grad_for_differentiable``. Both are taken off; any other wrapper, a
+    user's or a subclass's, stays. None when the hooks layer is not the one LARS knows.
+    """
+    step = optimizer_class.step
+    if not getattr(step, "hooked", False) or not hasattr(step, "__wrapped__"):
+        return None
+    step = step.__wrapped__
+    if _USE_GRAD_CODE is not None and getattr(step, "__code__", None) is _USE_GRAD_CODE:
+        step = step.__wrapped__
+    return step
 
 
 def _check_backend(backend: str) -> None:
@@ -275,9 +397,12 @@ def _params_with_dense_grads(
 
 
 def _position(param: torch.Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]]) -> str:
-    group_index = next(i for i, g in enumerate(param_groups) if g is group)
     param_index = next(i for i, p in enumerate(group["params"]) if p is param)
-    return f"parameter {param_index} of param group {group_index}"
+    return f"parameter {param_index} of param group {_group_index(group, param_groups)}"
+
+
+def _group_index(group: dict[str, Any], param_groups: list[dict[str, Any]]) -> int:
+    return next(i for i, g in enumerate(param_groups) if g is group)
 
 
 def exclude_bias_and_norm(
