@@ -49,4 +49,5 @@ pip_install "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
 # examples that scripts/test.sh runs with ctest there.
 echo "== building torchlars"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip_install --no-build-isolation --no-deps \
-    -C build-dir="$BUILD_DIR" -C cmake.define.LARS_BUILD_TESTS=ON -C cmake.define.LARS_BUILD_EXAMPLES=ON .
+    --config-settings=build-dir="$BUILD_DIR" --config-settings=cmake.define.LARS_BUILD_TESTS=ON \
+    --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON .

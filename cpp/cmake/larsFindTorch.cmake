@@ -36,7 +36,7 @@ function(_lars_torch_dir out)
   if(NOT Python3_EXECUTABLE)
     find_package(Python3 REQUIRED COMPONENTS Interpreter)
   endif()
-  set(_ask_torch -c "import torch; print(torch.utils.cmake_prefix_path)")
+  set(_ask_torch -c "import torch\nprint(torch.utils.cmake_prefix_path)")  # no ";": a list separator
   execute_process(COMMAND "${Python3_EXECUTABLE}" ${_ask_torch}
     OUTPUT_VARIABLE _lars_prefix OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _lars_result ERROR_QUIET)
   if(NOT _lars_result EQUAL 0)
@@ -48,7 +48,7 @@ function(_lars_torch_dir out)
               "${Python3_EXECUTABLE}" ${_ask_torch}
       OUTPUT_VARIABLE _lars_prefix OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _lars_result ERROR_QUIET)
   endif()
-  if(NOT _lars_result EQUAL 0)
+  if(NOT _lars_result EQUAL 0 OR NOT EXISTS "${_lars_prefix}/Torch/TorchConfig.cmake")
     message(FATAL_ERROR "torchlars is built against the torch installed in the target environment, "
                         "and ${Python3_EXECUTABLE} has none. Install torch first (e.g. "
                         "`pip install torch`), then `pip install --no-build-isolation .`; for a C++ "
