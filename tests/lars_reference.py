@@ -19,7 +19,11 @@ def reference_scaled_grad(param, grad, *, weight_decay, lr, eps, trust_coef, cli
 
 
 class ReferenceLARS:
-    """LARS applied parameter by parameter, then a base optimizer built without weight decay."""
+    """LARS applied parameter by parameter, then a base optimizer built without weight decay.
+
+    With ``maximize=True`` it is LARS on the negated loss: the gradient is negated first, and
+    the base steps with ``maximize=False``.
+    """
 
     def __init__(self, base_cls, groups, base_kwargs, *, eps=1e-8, trust_coef=1e-3, clip=False):
         self.groups = groups
@@ -29,6 +33,8 @@ class ReferenceLARS:
             base_group = dict(group)
             if not group.get("lars_exclude", False):
                 base_group["weight_decay"] = 0.0
+                if group.get("maximize", base_kwargs.get("maximize", False)):
+                    base_group["maximize"] = False
             base_groups.append(base_group)
         self.base = base_cls(base_groups, **base_kwargs)
         self.base_kwargs = base_kwargs
@@ -37,13 +43,14 @@ class ReferenceLARS:
         for group, base_group in zip(self.groups, self.base.param_groups):
             if group.get("lars_exclude", False):
                 continue
-            weight_decay = group.get("weight_decay", self.base_kwargs.get("weight_decay", 0.0))
+            weight_decay = float(group.get("weight_decay", self.base_kwargs.get("weight_decay", 0.0)))
+            sign = -1 if group.get("maximize", self.base_kwargs.get("maximize", False)) else 1
             for param in base_group["params"]:
                 if param.grad is None:
                     continue
                 param.grad = reference_scaled_grad(
                     param.detach(),
-                    param.grad,
+                    sign * param.grad,
                     weight_decay=weight_decay,
                     lr=base_group["lr"],
                     eps=self.eps,

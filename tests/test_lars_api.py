@@ -4,7 +4,10 @@ import collections
 import copy
 import functools
 import io
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchlars import LARS
+from torchlars_extension import import_extension
 
 
 def make_model():
@@ -80,6 +84,58 @@ def test_sparse_gradient_raises_naming_the_parameter_and_modifies_nothing():
     for param, expected in zip(dense.parameters(), grads_before):
         assert torch.equal(param.grad, expected)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-2, 1e-2]
+
+
+def _differentiable(params):
+    return torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True}], lr=0.1,
+                           weight_decay=1e-2)
+
+
+def test_differentiable_is_refused_by_name_at_construction_and_at_step():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
+        LARS(_differentiable(list(model.parameters())))
+    # It can also be switched on later; then the step refuses it before anything is modified.
+    optimizer = make_lars(model)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "differentiable": True})
+    backward(model)
+    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
+        optimizer.step()
+    for param, (value, grad) in zip(model.parameters(), before):
+        assert torch.equal(param.detach(), value) and torch.equal(param.grad, grad)
+
+
+def test_differentiable_excluded_group_is_left_to_the_base():
+    model = make_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True, "lars_exclude": True}],
+                           lr=0.1)
+    backward(model)
+    LARS(base).step()
+
+
+def test_base_that_needs_a_closure_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"LARS cannot wrap LBFGS: its step needs a closure"):
+        LARS(torch.optim.LBFGS(make_model().parameters()))
+
+
+def test_tensor_weight_decay_with_the_cpp_backend_is_refused_by_name():
+    import_extension("torchlars.ops")
+    model = make_model()
+    with pytest.raises(ValueError, match=r"param group 0 has a tensor weight_decay"):
+        LARS(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=torch.tensor(1e-2)), backend="cpp")
+
+
+def test_fsdp1_flat_parameters_are_refused_pointing_to_fsdp2():
+    # What FSDP1 marks its FlatParameter and, with use_orig_params=True, the views into it
+    # with (tests/_distributed_worker.py runs the real FullyShardedDataParallel).
+    flat, view = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(2, 3))
+    flat._is_flat_param = True
+    view._fsdp_flattened = True
+    for param, kind in ((flat, "FlatParameter"), (view, "use_orig_params=True")):
+        with pytest.raises(ValueError, match=rf"parameter 1 of param group 0: it is .*{kind}.*FSDP2"):
+            LARS(torch.optim.SGD([torch.nn.Parameter(torch.ones(2)), param], lr=0.1))
 
 
 # --- step -----------------------------------------------------------------------------------
@@ -159,10 +215,14 @@ def test_step_runs_on_meta_tensors_so_it_never_syncs():
     for param in params:
         param.grad = torch.empty_like(param)
     for clip in (False, True):
-        for lr in (0.1, torch.tensor(0.1)):
-            base = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:2], "lars_exclude": True},
-                                    {"params": params[2:]}], lr=lr, momentum=0.9, weight_decay=1e-4)
-            LARS(base, clip=clip).step()
+        for lr, weight_decay in ((0.1, 1e-4), (torch.tensor(0.1), torch.tensor(1e-4, device="meta"))):
+            for maximize in (False, True):
+                base = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:2], "lars_exclude": True},
+                                        {"params": params[2:]}], lr=lr, momentum=0.9, maximize=maximize)
+                for group in base.param_groups:  # after construction: SGD's own check would sync
+                    if not group.get("lars_exclude", False):  # SGD itself would sync on an excluded one
+                        group["weight_decay"] = weight_decay
+                LARS(base, clip=clip).step()
 
 
 class _CountOps(TorchDispatchMode):
@@ -508,3 +568,56 @@ def test_grad_scaler_skips_the_step_on_inf():
     scaler.step(optimizer)
     for param, expected in zip(model.parameters(), before):
         assert torch.equal(param, expected)
+
+
+# --- robustness to torch's private names -------------------------------------------------------
+
+_WITHOUT_PRIVATE_NAMES = r"""
+import copy, sys, warnings
+import torch
+import torch.optim.optimizer as optimizer_module
+import torch.utils._foreach_utils as foreach_utils
+
+sys.path.insert(0, sys.argv[1])
+from lars_reference import ReferenceLARS
+
+# What a torch release that renamed these private names would look like to torchlars.
+renamed = {name: getattr(optimizer_module, name) for name in
+           ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks", "_use_grad_for_differentiable")}
+for name in renamed:
+    delattr(optimizer_module, name)
+del foreach_utils._group_tensors_by_device_and_dtype
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from torchlars import LARS
+assert any("_use_grad_for_differentiable" in str(w.message) for w in caught), [str(w.message) for w in caught]
+# torch's own Optimizer.step wrapper still needs its global hook dicts.
+optimizer_module._global_optimizer_pre_hooks = renamed["_global_optimizer_pre_hooks"]
+optimizer_module._global_optimizer_post_hooks = renamed["_global_optimizer_post_hooks"]
+
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(3, 8, dtype=torch.float64))]
+reference_params = copy.deepcopy(params)
+optimizer = LARS(torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=1e-2), trust_coef=0.02)
+reference = ReferenceLARS(torch.optim.SGD, [{"params": reference_params, "weight_decay": 1e-2}],
+                          {"lr": 0.5, "momentum": 0.9}, trust_coef=0.02)
+compiled_step = torch.compile(optimizer.step)  # graph-broken around the base's update, still right
+for step in range(3):
+    for param, reference_param in zip(params, reference_params):
+        param.grad = torch.randn_like(param)
+        reference_param.grad = param.grad.clone()
+    (compiled_step if step else optimizer.step)()
+    reference.step()
+for param, expected in zip(params, reference_params):
+    torch.testing.assert_close(param, expected)
+print("ok")
+"""
+
+
+def test_import_and_step_need_no_private_torch_name(tmp_path):
+    # `import torchlars` must survive a torch release that renames a private name; the step
+    # then still gives LARS's numbers (under torch.compile with a graph break, and a warning).
+    tests_dir = str(pathlib.Path(__file__).parent)
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_PRIVATE_NAMES, tests_dir], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

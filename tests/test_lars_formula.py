@@ -35,7 +35,7 @@ def make_params(dtype=torch.float32):
 def set_grads(params_a, params_b, step):
     generator = torch.Generator().manual_seed(1000 + step)
     for index, (a, b) in enumerate(zip(params_a, params_b)):
-        grad = torch.randn(a.shape, generator=generator, dtype=a.dtype)
+        grad = torch.randn(a.shape, generator=generator, dtype=a.dtype).to(a.device)
         if index == 2 and step == 1:
             grad.zero_()  # a zero gradient: zero gradient norm
         a.grad, b.grad = grad.clone(), grad.clone()
@@ -81,6 +81,89 @@ def test_matches_reference_for_every_optimizer(name, clip, exclude):
     assert any(not torch.equal(p, s) for p, s in zip(params, initial))
     # The base's weight decay is back where the user put it.
     assert optimizer.param_groups[0]["weight_decay"] == 1e-2
+
+
+# Every option of torch.optim's bases: LARS gives LARS-by-hand's numbers on that base
+# (ReferenceLARS), or refuses the option by name (test_lars_api.py).
+OPTION_VARIANTS = {
+    "single-tensor": lambda kwargs: {**kwargs, "foreach": False},
+    "foreach": lambda kwargs: {**kwargs, "foreach": True},
+    "fused": lambda kwargs: {**kwargs, "fused": True},
+    "maximize": lambda kwargs: {**kwargs, "maximize": True},
+    "tensor-lr": lambda kwargs: {**kwargs, "lr": torch.tensor(kwargs["lr"], dtype=torch.float64)},
+}
+
+
+def _accepts(base_cls, kwargs):
+    """Whether the base itself takes these options (on CPU float64 tensors)."""
+    try:
+        param = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
+        param.grad = torch.ones(2, 2, dtype=torch.float64)
+        base_cls([param], **kwargs).step()
+    except (RuntimeError, ValueError, TypeError) as error:
+        return error
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("variant", [*sorted(OPTION_VARIANTS), "tensor-weight-decay"])
+@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
+def test_every_base_option_matches_reference(name, variant, clip):
+    base_cls, base_kwargs = OPTIMIZERS[name]
+    if variant != "tensor-weight-decay":
+        base_kwargs = OPTION_VARIANTS[variant](base_kwargs)
+        refusal = _accepts(base_cls, base_kwargs)
+        if refusal is not None:
+            pytest.skip(f"{name} itself refuses {variant}: {refusal}")
+    weight_decay = torch.tensor(1e-2, dtype=torch.float64) if variant == "tensor-weight-decay" else 1e-2
+    params = make_params(torch.float64)
+    reference_params = copy.deepcopy(params)
+    optimizer = LARS(base_cls(build_groups(params, exclude=True, weight_decay=weight_decay), **base_kwargs),
+                     trust_coef=0.02, clip=clip)
+    reference = ReferenceLARS(base_cls, build_groups(reference_params, exclude=True, weight_decay=weight_decay),
+                              base_kwargs, trust_coef=0.02, clip=clip)
+    initial = [p.detach().clone() for p in params]
+    for step in range(4):
+        set_grads(params, reference_params, step)
+        optimizer.step()
+        reference.step()
+    # liblars's fused LARS-SGD operator, which LARS(SGD(fused=True)) steps with, accumulates
+    # the norms in fp32 (lars_sgd.py), even for these fp64 parameters.
+    fused_sgd = variant == "fused" and base_cls is torch.optim.SGD
+    for param, expected in zip(params, reference_params):
+        tolerance = dict(rtol=1e-6, atol=1e-8) if fused_sgd else dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(param, expected, **tolerance)
+    assert any(not torch.equal(p, s) for p, s in zip(params, initial))
+    # The options LARS takes over for the base's step are back where the user put them.
+    assert optimizer.param_groups[0]["weight_decay"] is weight_decay
+    assert optimizer.param_groups[0].get("maximize", False) == base_kwargs.get("maximize", False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturable=True needs CUDA tensors")
+@pytest.mark.parametrize("name", ["adam", "adamw", "nadam", "radam", "adamax", "asgd", "rmsprop", "adadelta"])
+def test_capturable_bases_on_cuda_match_reference(name):
+    base_cls, base_kwargs = OPTIMIZERS[name]
+    base_kwargs = {**base_kwargs, "capturable": True}
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(torch.float64)]
+    reference_params = copy.deepcopy(params)
+    optimizer = LARS(base_cls(build_groups(params, exclude=True, weight_decay=1e-2), **base_kwargs), trust_coef=0.02)
+    reference = ReferenceLARS(base_cls, build_groups(reference_params, exclude=True, weight_decay=1e-2), base_kwargs,
+                              trust_coef=0.02)
+    for step in range(4):
+        set_grads(params, reference_params, step)
+        optimizer.step()
+        reference.step()
+    for param, expected in zip(params, reference_params):
+        torch.testing.assert_close(param, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_maximize_decays_the_weights_as_torch_does():
+    # The issue's measurement: with a near-zero gradient, weight decay must shrink the weight
+    # under maximize=True, as plain SGD does (10.25 -> 9.74), not grow it (main gave 11.27).
+    weight = torch.nn.Parameter(torch.full((10, 10), 1.025))
+    weight.grad = torch.full((10, 10), 1e-9)
+    LARS(torch.optim.SGD([weight], lr=0.1, weight_decay=0.5, maximize=True), trust_coef=1.0).step()
+    assert weight.norm() < 10.25
 
 
 def test_scaled_gradient_is_written_into_grad():
@@ -157,6 +240,26 @@ def test_half_precision_norms_accumulate_in_fp32(dtype):
     expected_ratio = 200.0 / 1e5
     torch.testing.assert_close(weight.grad.float(), torch.full((100, 100), 1000.0 * expected_ratio), rtol=1e-2, atol=0)
     assert weight.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2], ids=["no_decay", "decay"])
+def test_half_precision_ratio_is_applied_in_fp32(dtype, weight_decay):
+    # The precision LARS gives in fp16/bf16 (README): the ratio, from fp32 norms, is never
+    # rounded to the gradient's dtype; the scaled gradient is g * r computed in fp32 and rounded
+    # once. With weight decay, g + wd * w is first computed as torch.add computes it in the
+    # gradient's dtype (as torch's own optimizers add their decay).
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(64, 33, generator=generator).to(dtype))
+    grad = torch.randn(64, 33, generator=generator).to(dtype)
+    weight.grad = grad.clone()
+    initial = weight.detach().clone()
+    LARS(torch.optim.SGD([weight], lr=0.1, weight_decay=weight_decay), eps=1e-8, trust_coef=0.02).step()
+    param_norm, grad_norm = torch._foreach_norm([initial, grad], 2, dtype=torch.float32)
+    ratio = 0.02 * param_norm / (grad_norm + weight_decay * param_norm + 1e-8)
+    decayed = torch.add(grad, initial, alpha=weight_decay)
+    expected = (decayed.float() * ratio).to(dtype)
+    assert torch.equal(weight.grad, expected)
 
 
 def test_mixed_dtypes_in_one_group_match_reference():

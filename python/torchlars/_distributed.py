@@ -105,7 +105,7 @@ def lars_scale_dtensor_gradients_(
     params: list[list[Tensor]],
     grads: list[list[Tensor]],
     *,
-    weight_decays: list[float],
+    weight_decays: list[float | Tensor],
     lrs: list[float | Tensor],
     eps: float,
     trust_coef: float,
