@@ -6,7 +6,10 @@ pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+import torch  # noqa: E402
+
 from torchlars.demo import DemoConfig, main, run  # noqa: E402
+from torchlars.demo.data import load_mnist1d  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_DATA = dict(num_train=2000, num_test=500)  # generated in about a second
@@ -35,8 +38,9 @@ def test_tiny_demo_trains_above_chance_and_writes_its_plot(data_dir, tmp_path):
     runs = [(r.spec.optimizer, r.spec.batch_size) for r in result.results]
     assert runs == [("sgd", 64), ("sgd", 512), ("lars", 512)]
     assert all(len(r.test_acc) == config.epochs for r in result.results)
-    baseline = result.results[0]
+    baseline, _, lars = result.results
     assert baseline.best_test_acc > 0.3, f"chance is 0.1 with 10 classes; got {baseline.test_acc}"
+    assert lars.best_test_acc > 0.5, f"LARS at batch 512 (12 steps) did not learn: {lars.test_acc}"
     assert result.plot_path == tmp_path / "tiny.png"
     assert result.plot_path.read_bytes().startswith(PNG_SIGNATURE)
     table_rows = [line for line in result.table_path.read_text().splitlines() if line.startswith("| ")]
@@ -53,3 +57,18 @@ def test_command_line(data_dir, tmp_path, capsys):
     assert "| Batch | LR policy |" in capsys.readouterr().out
     assert (tmp_path / "demo_cpu.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "demo_cpu.md").exists()
+
+
+def test_export_data_writes_the_data_set_for_libtorch_and_trains_nothing(data_dir, tmp_path):
+    path = tmp_path / "mnist1d.pt"
+    argv = ["--export-data", str(path), "--num-train", str(TINY_DATA["num_train"]),
+            "--num-test", str(TINY_DATA["num_test"]), "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+
+    exported = torch.load(path)  # weights_only: plain tensors, as torch::jit::pickle_load reads them
+    expected = load_mnist1d(TINY_DATA["num_train"], TINY_DATA["num_test"], data_dir)
+    assert list(exported) == ["x_train", "y_train", "x_test", "y_test"]
+    for key, tensor in zip(exported, expected):
+        assert torch.equal(exported[key], tensor), key
+    assert exported["x_train"].shape == (TINY_DATA["num_train"], 1, 40)
+    assert list(tmp_path.iterdir()) == [path], "exporting trains nothing and writes no results"

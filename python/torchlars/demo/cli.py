@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from torchlars.demo.data import default_data_dir
+from torchlars.demo.data import default_data_dir, export_mnist1d
 from torchlars.demo.experiment import DemoConfig, run
 
 __all__ = ["main", "parse_args"]
@@ -19,6 +19,10 @@ FULL = dict(epochs=30, seeds=(0, 1))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    return _config(_parser().parse_args(argv))
+
+
+def _parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="python -m torchlars.demo",
@@ -52,8 +56,14 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where results go (default: .)")
     parser.add_argument("--name", default="", help="file stem of the results (default: demo_<device>[_full])")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-run lines")
-    args = parser.parse_args(argv)
+    parser.add_argument("--export-data", type=Path, metavar="FILE.pt",
+                        help="write the data set (--num-train, --num-test) for libtorch with torch.save, "
+                             "for cpp/examples/train_mnist1d, and train nothing")
+    return parser
 
+
+def _config(args: argparse.Namespace) -> DemoConfig:
+    defaults = DemoConfig()
     full = FULL if args.full else {}
     device = torch.device(args.device)
     return DemoConfig(
@@ -76,7 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    args = _parser().parse_args(argv)
+    if args.export_data:
+        export_mnist1d(args.export_data, args.num_train, args.num_test, args.data_dir)
+        print(f"wrote {args.export_data}", file=sys.stderr)
+        return 0
+    config = _config(args)
     result = run(config)
     print(f"\n{result.table}\n")
     print(f"wrote {result.table_path}, {result.plot_path} in {result.seconds / 60:.1f} min", file=sys.stderr)

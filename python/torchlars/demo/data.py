@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["default_data_dir", "load_mnist1d"]
+__all__ = ["default_data_dir", "export_mnist1d", "load_mnist1d"]
 
 
 def default_data_dir() -> Path:
@@ -36,6 +36,20 @@ def load_mnist1d(
         tensors = [torch.from_numpy(arrays[key]) for key in ("x_train", "y_train", "x_test", "y_test")]
     x_train, y_train, x_test, y_test = tensors
     return x_train.unsqueeze(1), y_train, x_test.unsqueeze(1), y_test
+
+
+def export_mnist1d(path: Path, num_train: int, num_test: int, data_dir: Path) -> None:
+    """Write the data set of :func:`load_mnist1d` for libtorch programs.
+
+    ``torch.save`` of a dict of the four tensors (``x_train``, ``y_train``, ``x_test``,
+    ``y_test``), which C++ reads with ``torch::jit::pickle_load(bytes).toGenericDict()`` and no
+    other library (``cpp/examples/train_mnist1d.cpp``).
+    """
+    tensors = load_mnist1d(num_train, num_test, data_dir)
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: tensor.contiguous() for key, tensor in zip(keys, tensors)}, path)
 
 
 def _generate(num_train: int, num_test: int, seed: int) -> dict[str, np.ndarray]:
