@@ -361,8 +361,12 @@ FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def fused_lars_sgd_supports(params: list[Tensor]) -> bool:
     """Whether liblars's fused operator can step ``params`` (and is installed)."""
+    # Plain tensors: a DTensor's norm is not its local shard's (see _distributed).
     return (
-        all(param.device.type == "cpu" and param.dtype in FUSED_DTYPES for param in params)
+        all(
+            type(param) in (Tensor, torch.nn.Parameter) and param.device.type == "cpu" and param.dtype in FUSED_DTYPES
+            for param in params
+        )
         and importlib.util.find_spec("torchlars._C") is not None
     )
 
@@ -391,7 +395,7 @@ def _fused_lars_sgd(
     # The kernel skips an overflowing step by itself. Returning here as well keeps the
     # momentum buffers of a skipped first step unset, so the next step is a first step, as
     # with GradScaler and a plain SGD. Reading the flag is no device sync: the kernel is CPU-only.
-    if found_inf is not None and found_inf.item():
+    if found_inf is not None and bool(found_inf.item()):
         return
     if not isinstance(lr, Tensor):
         lr = torch.tensor(lr, dtype=torch.float64)

@@ -27,6 +27,11 @@ from torch import Tensor
 __all__ = ["CarriedParamNorms"]
 
 
+def norms_now(params: list[Tensor]) -> Tensor:
+    """The fp32 norms of ``params``, summed in the order in which the fused step sums them."""
+    return torch.ops.torchlars.lars_param_norms(params)
+
+
 def _stamps(params: list[Tensor]) -> list[tuple[int, int]]:
     return [(param._version, param.data_ptr()) for param in params]
 
@@ -51,7 +56,7 @@ class CarriedParamNorms:
                 and stamps == _stamps(params)
             ):
                 return norms
-        return torch.ops.torchlars.lars_param_norms(params)
+        return norms_now(params)
 
     def carry(self, key: Hashable, params: list[Tensor], norms: Tensor) -> None:
         """Remember ``norms`` (just written by the step) as the norms of ``params`` as they are now."""

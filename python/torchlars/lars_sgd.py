@@ -14,7 +14,7 @@ from torch.optim.sgd import sgd
 from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd
 from torchlars._param_norms import CarriedParamNorms
 
-__all__ = ["LARSSGD"]
+__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd", "forget_carried_norms"]
 
 
 class LARSSGD(Optimizer):
@@ -106,7 +106,6 @@ class LARSSGD(Optimizer):
             "clip": clip,
         }
         super().__init__(params, defaults)
-        self._carried_norms = []
         if fused:
             for group_index, group in enumerate(self.param_groups):
                 for param_index, param in enumerate(group["params"]):
@@ -125,13 +124,12 @@ class LARSSGD(Optimizer):
         for group in self.param_groups:
             for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip"):
                 group.setdefault(name, self.defaults[name])
-        # Not part of the state, and forgotten on load_state_dict (which calls this), since a
-        # loaded state dict usually comes with loaded parameters: recomputed, bit for bit.
-        self._carried_norms: list[CarriedParamNorms] = []
+        # load_state_dict calls this too: a loaded state dict usually comes with loaded parameters.
+        forget_carried_norms(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_carried_norms", None)
+        state.pop(_CARRIED_NORMS, None)
         return state
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -150,17 +148,17 @@ class LARSSGD(Optimizer):
             params_with_dense_grads(group, group_index, "LARSSGD")
             for group_index, group in enumerate(self.param_groups)
         ]
-        while len(self._carried_norms) < len(self.param_groups):
-            self._carried_norms.append(CarriedParamNorms())
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if skipped_by_grad_scaler(found_inf):
+            return loss
         with torch.no_grad():
-            for group, (params, grads), carried_norms in zip(self.param_groups, gathered, self._carried_norms):
+            for group_index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
                 step_group(
                     group,
                     params,
                     grads,
                     self.state,
-                    carried_norms=carried_norms,
+                    carried_norms=carried_norms_of(self, group_index),
                     eps=group["eps"],
                     trust_coef=group["trust_coef"],
                     clip=group["clip"],
@@ -170,13 +168,101 @@ class LARSSGD(Optimizer):
         return loss
 
 
+def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]) -> None:
+    """``LARS(torch.optim.SGD(..., fused=True)).step()`` without its closure: see :func:`wraps_fused_sgd`.
+
+    The adapted groups step with :func:`step_group`, the others with the base's own step,
+    which runs alone on them (with its step hooks, as ``LARS._step_base`` runs it).
+    """
+    base = lars.optim
+    param_groups = base.param_groups
+    indices = [next(i for i, g in enumerate(param_groups) if g is group) for group in adapted_groups]
+    # Every group's gradients are checked before any parameter changes.
+    gathered = [params_with_dense_grads(group, index, "LARS") for group, index in zip(adapted_groups, indices)]
+    grad_scale, found_inf = getattr(lars, "grad_scale", None), getattr(lars, "found_inf", None)
+    if skipped_by_grad_scaler(found_inf):
+        return
+    with torch.no_grad():
+        for group, index, (params, grads) in zip(adapted_groups, indices, gathered):
+            step_group(
+                group,
+                params,
+                grads,
+                base.state,
+                carried_norms=carried_norms_of(lars, index),
+                eps=lars.eps,
+                trust_coef=lars.trust_coef,
+                clip=lars.clip,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+    amp = {name: value for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)) if value is not None}
+    base.param_groups = [group for group in param_groups if all(group is not g for g in adapted_groups)]
+    base.__dict__.update(amp)  # where torch's fused SGD looks for them, as GradScaler puts them
+    try:
+        lars._step_base()
+    finally:
+        base.param_groups = param_groups
+        for name in amp:
+            del base.__dict__[name]
+
+
+def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
+    """Whether GradScaler found an inf in a CPU step: then the whole step is skipped, hooks too.
+
+    As GradScaler skips the step of an optimizer that does not take ``found_inf``. Reading the
+    flag is no device sync on the CPU; elsewhere (and under torch.compile) the kernels skip.
+    Returning early also keeps torch's fused SGD from leaving uninitialised momentum buffers
+    after a skipped first step (it allocates them before its kernel skips).
+    """
+    return (
+        found_inf is not None
+        and found_inf.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(found_inf.item())
+    )
+
+
+def wraps_fused_sgd(base: Optimizer) -> bool:
+    """Whether ``LARS(base)`` steps with liblars's fused LARS-momentum operator.
+
+    It does when ``base`` is a ``torch.optim.SGD(..., fused=True)`` and the operator steps
+    every parameter LARS adapts (CPU tensors of its dtypes, the C++ extension installed);
+    otherwise LARS scales the gradients and the base steps on them (e.g. CUDA tensors).
+    """
+    if type(base) is not torch.optim.SGD or not all(group.get("fused") for group in base.param_groups):
+        return False
+    adapted = [param for group in base.param_groups if not group.get("lars_exclude", False) for param in group["params"]]
+    return fused_lars_sgd_supports(adapted)
+
+
+_CARRIED_NORMS = "_carried_param_norms"
+
+
+def carried_norms_of(optimizer: Optimizer, group_index: int) -> CarriedParamNorms | None:
+    """The parameter norms carried for a param group of ``optimizer`` (None under torch.compile).
+
+    Kept on the optimizer, outside its state: never saved, and recomputed when missing.
+    """
+    if torch.compiler.is_compiling():
+        return None  # the compiled step computes the norms in its own fused loops
+    carried = optimizer.__dict__.setdefault(_CARRIED_NORMS, [])
+    while len(carried) <= group_index:
+        carried.append(CarriedParamNorms())
+    return carried[group_index]
+
+
+def forget_carried_norms(optimizer: Optimizer) -> None:
+    optimizer.__dict__.pop(_CARRIED_NORMS, None)
+
+
 def step_group(
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
     state: dict,
     *,
-    carried_norms: CarriedParamNorms,
+    carried_norms: CarriedParamNorms | None,
     eps: float,
     trust_coef: float,
     clip: bool,
@@ -253,6 +339,11 @@ def params_with_dense_grads(group: dict[str, Any], group_index: int, owner: str)
 
 def check_fused_param(param: Tensor, position: str, owner: str) -> None:
     """Refuse, naming the option, a parameter that liblars's fused operator cannot step."""
+    if type(param) not in (Tensor, torch.nn.Parameter):
+        raise RuntimeError(
+            f"{owner}: `fused=True` steps plain tensors, but {position} is a {type(param).__name__} "
+            "(e.g. an FSDP2 shard, whose norm is not its local tensor's). Use fused=None or foreach=True."
+        )
     if param.device.type != "cpu":
         raise RuntimeError(
             f"{owner}: `fused=True` steps CPU tensors only (liblars's fused operator has no "
