@@ -1,5 +1,7 @@
 """The large-batch demo, in a tiny configuration: it learns and writes its table and plot."""
 
+import json
+
 import pytest
 
 pytest.importorskip("mnist1d")
@@ -28,6 +30,7 @@ def test_tiny_demo_trains_above_chance_and_writes_its_plot(data_dir, tmp_path):
         **TINY_DATA,
         device="cpu",
         threads=1,
+        workers=1,
         data_dir=data_dir,
         out_dir=tmp_path,
         name="tiny",
@@ -49,14 +52,22 @@ def test_tiny_demo_trains_above_chance_and_writes_its_plot(data_dir, tmp_path):
     assert list(data_dir.glob("mnist1d_*.npz")), "the generated data set is cached"
 
 
-def test_command_line(data_dir, tmp_path, capsys):
+def test_command_line_trains_in_worker_processes_with_the_same_results(data_dir, tmp_path, capsys):
     argv = ["--batch-sizes", "256", "--baseline-batch-size", "128", "--epochs", "1", "--lars-lr", "5",
             "--num-train", str(TINY_DATA["num_train"]), "--num-test", str(TINY_DATA["num_test"]),
-            "--device", "cpu", "--threads", "1", "--no-progress", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]
+            "--device", "cpu", "--threads", "1", "--workers", "2", "--no-progress",
+            "--data-dir", str(data_dir), "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     assert "| Batch | LR policy |" in capsys.readouterr().out
     assert (tmp_path / "demo_cpu.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "demo_cpu.md").exists()
+
+    in_workers = json.loads((tmp_path / "demo_cpu.json").read_text())["runs"]
+    serial = run(DemoConfig(batch_sizes=(256,), baseline_batch_size=128, epochs=1, lars_lr=5.0, **TINY_DATA,
+                            device="cpu", threads=1, workers=1, data_dir=data_dir, out_dir=tmp_path / "serial",
+                            progress=False))
+    assert [(r["optimizer"], r["batch_size"]) for r in in_workers] == [("sgd", 128), ("sgd", 256), ("lars", 256)]
+    assert [r["test_acc"] for r in in_workers] == [r.test_acc for r in serial.results]
 
 
 def test_export_data_writes_the_data_set_for_libtorch_and_trains_nothing(data_dir, tmp_path):

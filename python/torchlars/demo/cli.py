@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-test", type=int, default=defaults.num_test,
                         help="MNIST-1D test samples (default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: half the available cores, 1 to 4)")
+    parser.add_argument("--threads", type=int, help="CPU threads of each run (default: half the available cores, 1 to 4)")
+    parser.add_argument("--workers", type=int,
+                        help="runs trained at once, in separate processes (default: available cores / threads; 1 on a GPU)")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="where the generated MNIST-1D is cached (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where results go (default: .)")
@@ -78,6 +80,7 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         num_test=args.num_test,
         device=str(device),
         threads=args.threads,
+        workers=args.workers,
         data_dir=args.data_dir,
         out_dir=args.out_dir,
         name=args.name or f"demo_{device.type}{'_full' if args.full else ''}",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
 import json
+import multiprocessing
 import os
 from pathlib import Path
 import time
@@ -37,7 +39,8 @@ class DemoConfig:
     num_train: int = 50_000
     num_test: int = 10_000
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    threads: int | None = None  # CPU only; None: half the available cores, 1 to 4
+    threads: int | None = None  # per run, CPU only; None: half the available cores, 1 to 4
+    workers: int | None = None  # runs trained at once; None: available cores / threads (1 on a GPU)
     data_dir: Path = field(default_factory=default_data_dir)
     out_dir: Path = Path(".")
     name: str = ""  # output file stem; "" means demo_<device type>
@@ -70,31 +73,18 @@ def run(config: DemoConfig) -> DemoResult:
     """Train every run of ``config``, then write ``<name>.md``, ``.png`` and ``.json``."""
     start = time.perf_counter()
     device = torch.device(config.device)
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads or _default_threads())
-    data = [t.to(device) for t in load_mnist1d(config.num_train, config.num_test, config.data_dir)]
-    specs = config.specs()
-    results = []
-    for index, spec in enumerate(specs, 1):
-        for seed in config.seeds:
-            result = train_run(
-                spec,
-                data,
-                epochs=config.epochs,
-                seed=seed,
-                weight_decay=config.weight_decay,
-                momentum=config.momentum,
-                device=device,
-                progress=config.progress,
-                desc=f"[{index}/{len(specs)}] {spec.optimizer.upper()} B={spec.batch_size} seed={seed}",
-            )
-            results.append(result)
-            if config.progress:
-                print(
-                    f"[{index}/{len(specs)}] {spec.optimizer.upper():4} B={spec.batch_size:<6} seed={seed}: "
-                    f"best test top-1 {100 * result.best_test_acc:.1f}% ({result.seconds:.0f} s)",
-                    flush=True,
-                )
+    load_mnist1d(config.num_train, config.num_test, config.data_dir)  # generated once, before any worker
+    jobs = [(index, spec, seed) for index, spec in enumerate(config.specs(), 1) for seed in config.seeds]
+    workers = min(len(jobs), config.workers or _default_workers(device))
+    if workers == 1:
+        results = [_train_job(config, job, progress=config.progress) for job in jobs]
+    else:
+        # One single-threaded process per core: the runs are independent, and unlike intra-op
+        # threads, processes lose nothing when another program takes a core for a while.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_train_job, config, job, progress=False) for job in jobs]
+            results = [future.result() for future in futures]
     table = format_table(results, epochs=config.epochs, num_train=config.num_train)
     stem = config.name or f"demo_{device.type}"
     out_dir = Path(config.out_dir)
@@ -109,6 +99,35 @@ def run(config: DemoConfig) -> DemoResult:
     save_plot(results, plot_path, baseline_batch_size=config.baseline_batch_size, title=title)
     (out_dir / f"{stem}.json").write_text(json.dumps(_to_json(config, results, seconds), indent=1) + "\n")
     return DemoResult(results, table, table_path, plot_path, seconds)
+
+
+def _train_job(config: DemoConfig, job: tuple[int, RunSpec, int], *, progress: bool) -> RunResult:
+    index, spec, seed = job
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads or _default_threads())
+    data = [t.to(device) for t in load_mnist1d(config.num_train, config.num_test, config.data_dir)]
+    label = f"[{index}/{len(config.specs())}] {spec.optimizer.upper():4} B={spec.batch_size:<6} seed={seed}"
+    result = train_run(
+        spec,
+        data,
+        epochs=config.epochs,
+        seed=seed,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        device=device,
+        progress=progress,
+        desc=label,
+    )
+    if config.progress:
+        print(f"{label}: best test top-1 {100 * result.best_test_acc:.1f}% ({result.seconds:.0f} s)", flush=True)
+    return result
+
+
+def _default_workers(device: torch.device) -> int:
+    if device.type != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // _default_threads())
 
 
 def _default_threads() -> int:
