@@ -208,3 +208,40 @@ def test_closure_loss_is_returned():
     loss = optimizer.step(closure)
     assert loss.item() > 0
     assert not torch.equal(params[0], before[0])
+
+
+@pytest.mark.parametrize("build", ["LARSSGD", "LARS_fused_SGD"])
+def test_compiled_step_is_one_graph_with_eager_numbers_and_leaves_grads(build):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    params, eager_params = make_params(), make_params()
+    options = dict(lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2)
+    if build == "LARSSGD":
+        optimizer = LARSSGD(params, trust_coef=0.02, **options)
+    else:
+        optimizer = LARS(torch.optim.SGD(params, fused=True, **options), trust_coef=0.02)
+    eager = LARSSGD(eager_params, trust_coef=0.02, foreach=True, **{**options, "lr": torch.tensor(0.1)})
+
+    @torch.compile(fullgraph=True)  # raises on any graph break
+    def compiled_step():
+        optimizer.step()
+
+    for step in range(3):
+        set_grads([params, eager_params], step)
+        grads = [p.grad.clone() for p in params]
+        compiled_step()
+        eager.step()
+        # Inductor fuses the scaling into the update: the scaled gradient is never written back.
+        for param, grad in zip(params, grads):
+            assert torch.equal(param.grad, grad)
+        for group in (*optimizer.param_groups, *eager.param_groups):
+            group["lr"].mul_(0.5)  # what a scheduler does to a tensor lr
+        if step == 1:
+            # The first call compiles; the second recompiles once the momentum buffers exist.
+            graphs_after_second_step = counters["stats"]["unique_graphs"]
+    for param, expected in zip(params, eager_params):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == graphs_after_second_step <= 2, "recompiled"
+    torch._dynamo.reset()
