@@ -21,11 +21,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.nn.parallel import DistributedDataParallel
 
-from torchlars import LARS, exclude_bias_and_norm
+from torchlars import LARS, LARSSGD, exclude_bias_and_norm
 
 STEPS = 4
 BATCH = 8
@@ -146,6 +147,34 @@ def ddp_clip() -> dict[str, int]:
     return _compare_with_single_process(DistributedDataParallel, clip=True)
 
 
+def zero_lars_sgd() -> dict[str, int]:
+    """ZeroRedundancyOptimizer(optimizer_class=LARSSGD) under DDP: each rank steps its share of
+    the parameters with LARSSGD and broadcasts it; the same as LARSSGD in one process."""
+    model = _model()
+    reference = copy.deepcopy(model)
+    start = [p.detach().clone() for p in reference.parameters()]
+    options = dict(lr=LR, momentum=MOMENTUM, trust_coef=TRUST_COEF)
+    reference_optimizer = LARSSGD(exclude_bias_and_norm(reference, WEIGHT_DECAY), **options)
+    distributed = DistributedDataParallel(model)
+    optimizer = ZeroRedundancyOptimizer(
+        exclude_bias_and_norm(distributed.module, WEIGHT_DECAY), optimizer_class=LARSSGD, **options
+    )
+    assert isinstance(optimizer.optim, LARSSGD)
+    for inputs, targets in _batches():
+        reference_optimizer.zero_grad()
+        nn.functional.mse_loss(reference(inputs), targets).backward()
+        reference_optimizer.step()
+        rank_inputs = inputs.chunk(dist.get_world_size())[dist.get_rank()]
+        rank_targets = targets.chunk(dist.get_world_size())[dist.get_rank()]
+        optimizer.zero_grad()
+        nn.functional.mse_loss(distributed(rank_inputs), rank_targets).backward()
+        optimizer.step()
+    # Each rank stepped only its share: the other rank's parameters came by broadcast.
+    assert 0 < sum(len(group["params"]) for group in optimizer.optim.param_groups) < len(start)
+    _assert_same(list(distributed.module.parameters()), [p.detach() for p in reference.parameters()], start)
+    return {}
+
+
 def _placed_run(layout: list[tuple], groups: list[dict], clip: bool) -> dict[str, int]:
     """Train hand-placed parameters with fixed random gradients, against the same unplaced.
 
@@ -252,5 +281,6 @@ CASES = {
         dtensors_mixed,
         dtensors_two_meshes,
         unsupported_placements,
+        zero_lars_sgd,
     )
 }

@@ -106,6 +106,12 @@ def test_partial_and_mismatched_gradients_are_refused(results):
     _case(results, "unsupported_placements")
 
 
+def test_zero_redundancy_optimizer_builds_larssgd(results):
+    # kakaobrain/torchlars#7: tools that take an optimizer class can build LARS.
+    for collectives in _case(results, "zero_lars_sgd"):
+        assert collectives == {}
+
+
 def test_runs_on_the_meta_device_without_distributed():
     # The plain path is untouched: no process group needed, and nothing synchronises.
     from torchlars import LARS
@@ -118,5 +124,5 @@ def test_runs_on_the_meta_device_without_distributed():
 
 def test_worker_cases_are_all_tested():
     tested = {"fsdp2_no_clip", "fsdp2_clip", "ddp_no_clip", "ddp_clip", "dtensors_mixed",
-              "dtensors_two_meshes", "unsupported_placements"}
+              "dtensors_two_meshes", "unsupported_placements", "zero_lars_sgd"}
     assert set(_distributed_worker.CASES) == tested
