@@ -43,7 +43,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
                --extra-index-url https://pypi.org/simple \
         || pip_install "torch==$TORCH_VERSION"
 fi
-echo "== torch $("$PY" -c 'import torch; print(torch.__version__)')"
+echo "== torch $("$PY" -W ignore -c 'import torch; print(torch.__version__)')"
 pip_install "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
 # One build, kept in $BUILD_DIR (incremental on a rerun): the package, and the C++ tests and
 # examples that scripts/test.sh runs with ctest there.

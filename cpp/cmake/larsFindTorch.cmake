@@ -147,16 +147,14 @@ macro(lars_find_torch)
       set(TORCH_INCLUDE_DIRS "${_lars_torch_prefix}/include" "${_lars_torch_prefix}/include/torch/csrc/api/include")
       set(TORCH_LIBRARIES torch)
       add_library(torch INTERFACE IMPORTED)
-      set(_lars_torch_libs "")
+      # Imported libraries, not raw linker flags, so that CMake sets the build tree's RPATH.
       foreach(_lib torch torch_cpu c10)
         find_library(_lars_lib_${_lib} ${_lib} PATHS "${_lars_torch_prefix}/lib" NO_DEFAULT_PATH REQUIRED NO_CACHE)
-        # --no-as-needed: libtorch_cpu registers the operators when it loads, whether or not a
-        # symbol of it is referenced.
-        list(APPEND _lars_torch_libs "-Wl,--no-as-needed,\"${_lars_lib_${_lib}}\" -Wl,--as-needed")
+        add_library(lars_torch_${_lib} SHARED IMPORTED)
+        set_target_properties(lars_torch_${_lib} PROPERTIES IMPORTED_LOCATION "${_lars_lib_${_lib}}")
+        target_link_libraries(torch INTERFACE lars_torch_${_lib})
       endforeach()
-      set_target_properties(torch PROPERTIES
-        INTERFACE_INCLUDE_DIRECTORIES "${TORCH_INCLUDE_DIRS}"
-        INTERFACE_LINK_LIBRARIES "${_lars_torch_libs}")
+      target_include_directories(torch INTERFACE ${TORCH_INCLUDE_DIRS})
       file(STRINGS "${_lars_torch_prefix}/version.py" _lars_line REGEX "^__version__")
       string(REGEX MATCH "[0-9][^'\"]*" Torch_VERSION "${_lars_line}")
       set(Torch_FOUND TRUE)
