@@ -252,7 +252,8 @@ def test_large_tensors_cut_into_cpu_blocks_give_the_unblocked_numbers(dtype):
     param_norms = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
     grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
     ratios = SETTINGS["trust_coef"] * param_norms / (grad_norms + SETTINGS["weight_decay"] * param_norms + SETTINGS["eps"])
-    expected = [g.clone().add_(p, alpha=SETTINGS["weight_decay"]).mul_(r.to(dtype)) for p, g, r in zip(params, grads, ratios)]
+    # The ratio stays fp32: multiplied in fp32, rounded once.
+    expected = [g.clone().add_(p, alpha=SETTINGS["weight_decay"]).mul_(r) for p, g, r in zip(params, grads, ratios)]
     for backend in ("foreach", "cpp"):
         scaled = [grad.clone() for grad in grads]
         lars_scale_gradients_(params, scaled, lr=0.1, clip=False, backend=backend, **SETTINGS)

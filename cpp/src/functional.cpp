@@ -144,10 +144,10 @@ void scale_by_trust_ratio_(
     double eps,
     double trust_coef,
     bool clip) {
+  // Kept in the norms' dtype, fp32 for fp16/bf16 gradients: the multiply then runs in fp32 and
+  // rounds once, instead of every layer's step being off by the ratio's rounding (0.4% in bf16).
   const std::vector<at::Tensor> ratios =
-      trust_ratio(param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip)
-          .to(grads[0].scalar_type())
-          .unbind(0);
+      trust_ratio(param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip).unbind(0);
   if (weight_decay == 0) {
     at::_foreach_mul_(grads, ratios);
     return;
