@@ -259,3 +259,249 @@ def test_large_tensors_cut_into_cpu_blocks_give_the_unblocked_numbers(dtype):
         lars_scale_gradients_(params, scaled, lr=0.1, clip=False, backend=backend, **SETTINGS)
         for grad, want in zip(scaled, expected):
             torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
+# --- The fused LARS + momentum-SGD operator: torchlars::lars_sgd_ and lars_param_norms ----
+
+# More than one chunk of the kernel (2**14 elements) and not a whole number of its 16 lanes;
+# a zero parameter, whose trust ratio is 1.
+FUSED_SHAPES = [(130, 129), (7,), (3, 2, 5), (4,)]
+FUSED_LARS = dict(eps=1e-8, trust_coef=0.02)
+SGD_OPTIONS = {
+    "no_momentum": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
+    "decay": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-2),
+    "momentum": dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-4),
+    "dampening": dict(momentum=0.9, dampening=0.3, nesterov=False, weight_decay=1e-4),
+    "nesterov": dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-4),
+}
+
+
+def fused_params(dtype=torch.float32, shapes=FUSED_SHAPES):
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    params[-1].zero_()
+    return params
+
+
+def fused_grads(params, step):
+    generator = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(p.shape, generator=generator) * 0.1).to(p.dtype) for p in params]
+
+
+def fused_steps(params, steps, *, lr=0.1, options, maximize=False, clip=False):
+    """`steps` steps of the operator on copies of `params`: (params, momentum buffers, carried norms)."""
+    params = [param.clone() for param in params]
+    # Contents ignored on the first step, which sets the buffers as torch.optim.SGD does.
+    buffers = [torch.full_like(param, float("nan")) for param in params] if options["momentum"] else []
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    for step in range(steps):
+        torch.ops.torchlars.lars_sgd_(
+            params, fused_grads(params, step), buffers, norms, lr=torch.tensor(lr), maximize=maximize,
+            is_first_step=step == 0, clip=clip, **FUSED_LARS, **options,
+        )
+    return params, buffers, norms
+
+
+def foreach_steps(params, steps, *, lr=0.1, options, maximize=False, clip=False):
+    """The same steps with LARS(torch.optim.SGD(foreach=True)): (params, momentum buffers)."""
+    params = [param.clone().requires_grad_() for param in params]
+    optimizer = LARS(torch.optim.SGD(params, lr=lr, foreach=True, **options), clip=clip, **FUSED_LARS)
+    for step in range(steps):
+        for param, grad in zip(params, fused_grads(params, step)):
+            # LARS on a maximised objective is LARS on the negated loss (lars/fused.h).
+            param.grad = -grad if maximize else grad
+        optimizer.step()
+    buffers = [optimizer.state[param]["momentum_buffer"] for param in params] if options["momentum"] else []
+    return [param.detach() for param in params], buffers
+
+
+def assert_relatively_close(actual, expected, rtol):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=rtol * e.abs().max().item())
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
+@pytest.mark.parametrize("options", sorted(SGD_OPTIONS))
+def test_fused_step_gives_the_foreach_numbers(options, maximize, clip):
+    params = fused_params()
+    fused, fused_buffers, _ = fused_steps(params, 20, options=SGD_OPTIONS[options], maximize=maximize, clip=clip)
+    foreach, foreach_buffers = foreach_steps(params, 20, options=SGD_OPTIONS[options], maximize=maximize, clip=clip)
+    assert_relatively_close(fused, foreach, 1e-6)
+    assert_relatively_close(fused_buffers, foreach_buffers, 1e-6)
+    assert not torch.equal(fused[0], params[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_carried_norms_are_the_recomputed_norms_bit_for_bit(dtype):
+    params, _, norms = fused_steps(fused_params(dtype), 5, options=SGD_OPTIONS["nesterov"])
+    torch.testing.assert_close(norms, torch.ops.torchlars.lars_param_norms(params), rtol=0, atol=0)
+    exact = torch.stack([param.double().norm() for param in params]).float()
+    torch.testing.assert_close(norms, exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_norms_do_not_depend_on_the_thread_count(dtype):
+    params = fused_params(dtype, shapes=[(5 * 2**14 + 3,), (300, 7), (1,)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = torch.ops.torchlars.lars_param_norms(params)
+        stepped_on_one = fused_steps(params, 3, options=SGD_OPTIONS["momentum"])
+        torch.set_num_threads(2)
+        two_threads = torch.ops.torchlars.lars_param_norms(params)
+        stepped_on_two = fused_steps(params, 3, options=SGD_OPTIONS["momentum"])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one_thread, two_threads, rtol=0, atol=0)
+    for on_one, on_two in zip(stepped_on_one, stepped_on_two):
+        torch.testing.assert_close(on_one, on_two, rtol=0, atol=0)
+
+
+def test_bf16_step_does_its_arithmetic_in_fp32():
+    # Reference: the fp32 step on the bf16 values, its weights and buffers rounded to bf16 after
+    # every step, as the kernel stores them. Stepping in bf16 (rounding the scaled gradient and
+    # every partial result) leaves a large share of the buffers off by an ulp or more.
+    params = fused_params(torch.bfloat16)
+    fused, fused_buffers, norms = fused_steps(params, 3, options=SGD_OPTIONS["dampening"])
+    reference = [param.float().requires_grad_() for param in params]
+    optimizer = LARS(torch.optim.SGD(reference, lr=0.1, foreach=True, **SGD_OPTIONS["dampening"]), **FUSED_LARS)
+    for step in range(3):
+        for param, grad in zip(reference, fused_grads(params, step)):
+            param.grad = grad.float()
+        optimizer.step()
+        with torch.no_grad():
+            for param in reference:
+                param.copy_(param.bfloat16())
+                optimizer.state[param]["momentum_buffer"].copy_(optimizer.state[param]["momentum_buffer"].bfloat16())
+    reference_buffers = [optimizer.state[param]["momentum_buffer"] for param in reference]
+    for actual, expected in zip(fused + fused_buffers, reference + reference_buffers):
+        expected = expected.detach().bfloat16()
+        assert actual.dtype == torch.bfloat16
+        # Only fp32 rounding differences, which rarely cross a bf16 rounding boundary (an ulp,
+        # relative to the largest value where a momentum buffer cancels).
+        torch.testing.assert_close(actual, expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+        assert (actual == expected).float().mean() > 0.99
+    exact = torch.stack([param.double().norm() for param in fused]).float()
+    torch.testing.assert_close(norms, exact, rtol=1e-6, atol=0)
+
+
+def test_grad_scale_unscales_inside_the_kernel_and_found_inf_skips_the_step():
+    params = fused_params()
+    options = dict(lr=torch.tensor(0.1), maximize=False, clip=False, **FUSED_LARS, **SGD_OPTIONS["momentum"])
+    plain, scaled = [p.clone() for p in params], [p.clone() for p in params]
+    plain_buffers, scaled_buffers = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+    plain_norms, scaled_norms = (torch.ops.torchlars.lars_param_norms(params) for _ in range(2))
+    for step in range(3):
+        grads = fused_grads(params, step)
+        scaled_grads = [grad * 1024 for grad in grads]
+        unchanged = [grad.clone() for grad in scaled_grads]
+        torch.ops.torchlars.lars_sgd_(plain, grads, plain_buffers, plain_norms, is_first_step=step == 0, **options)
+        torch.ops.torchlars.lars_sgd_(
+            scaled, scaled_grads, scaled_buffers, scaled_norms, is_first_step=step == 0,
+            grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0), **options,
+        )
+        for grad, before in zip(scaled_grads, unchanged):
+            torch.testing.assert_close(grad, before, rtol=0, atol=0)  # grads are read only
+    for actual, expected in zip(scaled + scaled_buffers + [scaled_norms], plain + plain_buffers + [plain_norms]):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # a power of 2: exact
+
+    # An overflow: nothing changes, not the weights, the momentum or the carried norms.
+    before = [t.clone() for t in scaled + scaled_buffers + [scaled_norms]]
+    overflowed = [torch.full_like(p, float("inf")) for p in params]
+    torch.ops.torchlars.lars_sgd_(
+        scaled, overflowed, scaled_buffers, scaled_norms, is_first_step=False,
+        grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(1.0), **options,
+    )
+    for actual, expected in zip(scaled + scaled_buffers + [scaled_norms], before):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_fused_step_on_tensors_that_are_not_laid_out_alike():
+    # A strided slice (not dense: updated through a copy, written back into its base) and a
+    # channels-last weight with a contiguous gradient and buffer (copied into its layout).
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 60, generator=generator)
+    params = [base[:, ::2], torch.randn(8, 4, 3, 3, generator=generator).to(memory_format=torch.channels_last)]
+    grads = [torch.randn(p.shape, generator=generator) for p in params]
+    buffers = [torch.randn(p.shape, generator=generator) for p in params]
+    contiguous = [p.contiguous() for p in params]
+    contiguous_buffers = [b.clone() for b in buffers]
+    options = dict(lr=torch.tensor(0.1), maximize=False, clip=False, is_first_step=False, **FUSED_LARS, **SGD_OPTIONS["momentum"])
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    contiguous_norms = torch.ops.torchlars.lars_param_norms(contiguous)
+    torch.ops.torchlars.lars_sgd_(params, grads, buffers, norms, **options)
+    torch.ops.torchlars.lars_sgd_(contiguous, grads, contiguous_buffers, contiguous_norms, **options)
+    assert_relatively_close(params + buffers + [norms], contiguous + contiguous_buffers + [contiguous_norms], 1e-6)
+    torch.testing.assert_close(base[:, ::2], contiguous[0], rtol=0, atol=0)
+    assert params[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(norms, torch.ops.torchlars.lars_param_norms(params), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_opcheck_lars_param_norms(dtype):
+    torch.library.opcheck(torch.ops.torchlars.lars_param_norms.default, (fused_params(dtype),))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["no_scaler", "grad_scaler"])
+@pytest.mark.parametrize("options", ["no_momentum", "nesterov"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_lars_sgd(dtype, options, amp):
+    params = fused_params(dtype)
+    buffers = [torch.zeros_like(p) for p in params] if SGD_OPTIONS[options]["momentum"] else []
+    scaler = dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)) if amp else {}
+    torch.library.opcheck(
+        torch.ops.torchlars.lars_sgd_.default,
+        (params, fused_grads(params, 0), buffers, torch.ops.torchlars.lars_param_norms(params)),
+        dict(lr=torch.tensor(0.1), maximize=False, is_first_step=False, clip=True, **FUSED_LARS,
+             **SGD_OPTIONS[options], **scaler),
+    )
+
+
+def test_fused_step_runs_on_meta_tensors():
+    params = [torch.empty(shape, device="meta") for shape in FUSED_SHAPES]
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    assert norms.shape == (len(params),) and norms.dtype == torch.float32 and norms.device.type == "meta"
+    torch.ops.torchlars.lars_sgd_(
+        params, params, [torch.empty_like(p) for p in params], norms, lr=torch.tensor(0.1), maximize=False,
+        is_first_step=True, clip=False, **FUSED_LARS, **SGD_OPTIONS["momentum"],
+    )
+
+
+def _bad_inputs(params, grads, buffers, norms):
+    sparse = [g.clone() for g in grads]
+    sparse[1] = sparse[1].to_sparse()
+    return {
+        "fewer grads": ((params, grads[:3], buffers, norms), "got 4 params but 3 grads"),
+        "fewer buffers": ((params, grads, buffers[:2], norms), "got 4 params but 2 momentum_buffers"),
+        "grad shape": ((params, [grads[0], grads[2], grads[1], grads[3]], buffers, norms),
+                       r"grads\[1\] .* does not match params\[1\]"),
+        "buffer dtype": ((params, grads, [buffers[0].double()] + buffers[1:], norms),
+                         r"momentum_buffers\[0\] .* does not match params\[0\]"),
+        "mixed dtypes": ((params[:1] + [params[1].double()] + params[2:], grads[:1] + [grads[1].double()] + grads[2:],
+                          buffers[:1] + [buffers[1].double()] + buffers[2:], norms), r"params\[1\] has dtype Double"),
+        "sparse grad": ((params, sparse, buffers, norms), r"grads\[1\] is not dense"),
+        "complex": (([p.to(torch.complex64) for p in params], [g.to(torch.complex64) for g in grads],
+                     [b.to(torch.complex64) for b in buffers], norms), "not complex or integer"),
+        "integer": (([p.long() for p in params], [g.long() for g in grads], [b.long() for b in buffers], norms),
+                    "not complex or integer"),
+        "norms dtype": ((params, grads, buffers, norms.double()), "param_norms must be a 1-D fp32"),
+        "norms size": ((params, grads, buffers, norms[:3]), "param_norms must be a 1-D fp32 CPU tensor of 4 norms"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_inputs(*[[torch.zeros(1)] * 4] * 3, torch.zeros(4))))
+def test_fused_step_refuses_bad_input_and_modifies_nothing(case):
+    params = fused_params()
+    grads = fused_grads(params, 0)
+    buffers = [torch.ones_like(p) for p in params]
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    args, message = _bad_inputs(params, grads, buffers, norms)[case]
+    before = [t.clone() for t in params + buffers + [norms]]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.torchlars.lars_sgd_(
+            *args, lr=torch.tensor(0.1), maximize=False, is_first_step=False, clip=False, **FUSED_LARS,
+            **SGD_OPTIONS["momentum"],
+        )
+    for after, expected in zip(params + buffers + [norms], before):
+        torch.testing.assert_close(after, expected, rtol=0, atol=0)

@@ -480,14 +480,23 @@ void lars_sgd_(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "lars_sgd_", [&] {
     lars_sgd_kernel<scalar_t>(slots, param_norms, options, scale);
   });
+  // Written in place, as by in-place ATen ops: their version counters say so (autograd, and
+  // lars::LARS's test for a stale carried norm, rely on it).
   for (const auto i : c10::irange(n)) {
-    if (!slots[i].param.is_same(params[i])) {
+    if (slots[i].param.is_same(params[i])) {
+      params[i].unsafeGetTensorImpl()->bump_version();
+    } else {
       params[i].copy_(slots[i].param);
     }
-    if (momentum != 0 && !slots[i].momentum_buffer.is_same(momentum_buffers[i])) {
-      momentum_buffers[i].copy_(slots[i].momentum_buffer);
+    if (momentum != 0) {
+      if (slots[i].momentum_buffer.is_same(momentum_buffers[i])) {
+        momentum_buffers[i].unsafeGetTensorImpl()->bump_version();
+      } else {
+        momentum_buffers[i].copy_(slots[i].momentum_buffer);
+      }
     }
   }
+  param_norms.unsafeGetTensorImpl()->bump_version();
 }
 
 } // namespace lars

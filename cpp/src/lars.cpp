@@ -1,5 +1,9 @@
 #include <lars/lars.h>
 
+#include <lars/fused.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/util/irange.h>
 #include <torch/optim/adagrad.h>
@@ -12,7 +16,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <sstream>
+#include <typeinfo>
 #include <utility>
 
 namespace lars {
@@ -143,6 +149,49 @@ class WeightDecayTakenOver {
   std::vector<double> saved_;
 };
 
+// Whether LARS and the base step as one fused operator (lars/fused.h): around
+// torch::optim::SGD itself (a subclass may step otherwise), for CPU parameters. CUDA tensors
+// keep the foreach path: the operator has a CPU kernel only.
+bool steps_fused(const Optimizer& base, const std::vector<std::vector<at::Tensor>>& params) {
+  if (typeid(base) != typeid(torch::optim::SGD)) {
+    return false;
+  }
+  for (const auto& group : params) {
+    for (const auto& param : group) {
+      if (!param.device().is_cpu() || !at::isFloatingType(param.scalar_type())) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// Undefines the gradients of the given parameters for its lifetime, so that the base's step
+// of the excluded param groups leaves them alone; they come back even if that step throws.
+class GradientsHidden {
+ public:
+  explicit GradientsHidden(const std::vector<std::vector<at::Tensor>>& params) {
+    for (const auto& group : params) {
+      for (const auto& param : group) {
+        params_.push_back(param);
+        grads_.push_back(param.grad());
+        params_.back().mutable_grad().reset();
+      }
+    }
+  }
+  ~GradientsHidden() {
+    for (const auto i : c10::irange(params_.size())) {
+      params_[i].mutable_grad() = grads_[i];
+    }
+  }
+  GradientsHidden(const GradientsHidden&) = delete;
+  GradientsHidden& operator=(const GradientsHidden&) = delete;
+
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> grads_;
+};
+
 const std::shared_ptr<Optimizer>& checked_base(const std::shared_ptr<Optimizer>& base) {
   TORCH_CHECK_VALUE(base != nullptr, "lars::LARS: the base optimizer is null");
   TORCH_CHECK_VALUE(
@@ -207,10 +256,43 @@ torch::Tensor LARS::step(LossClosure closure) {
           !grad.is_sparse(), "lars::LARS does not support sparse gradients: parameter ", j,
           " of param group ", adapted[k], " has one. Exclude its group "
           "(LARSOptions::excluded_param_groups), or use a dense gradient.");
-      params[k].push_back(group_params[j]);
+      const at::Tensor& param = group_params[j];
+      TORCH_CHECK_VALUE(
+          grad.sizes() == param.sizes() && grad.scalar_type() == param.scalar_type() &&
+              grad.device() == param.device(),
+          "lars::LARS: the gradient of parameter ", j, " of param group ", adapted[k], " (",
+          grad.scalar_type(), grad.sizes(), " on ", grad.device(), ") does not match the parameter (",
+          param.scalar_type(), param.sizes(), " on ", param.device(), ")");
+      params[k].push_back(param);
       grads[k].push_back(grad);
     }
   }
+  // Every refusal comes before the first gradient is touched: a weight decay LARS cannot
+  // take over, and param groups added to the base behind the LARS's back.
+  std::vector<double> weight_decays;
+  weight_decays.reserve(adapted.size());
+  for (const size_t index : adapted) {
+    weight_decays.push_back(weight_decay_of(param_groups_[index].options()));
+  }
+  copy_param_groups_to_base();
+  if (steps_fused(*base_, params)) {
+    // Forgets the parameters that no longer exist.
+    for (auto carried = carried_norms_.begin(); carried != carried_norms_.end();) {
+      carried = carried->second.param.expired() ? carried_norms_.erase(carried) : std::next(carried);
+    }
+    {
+      at::NoGradGuard no_grad;
+      for (const auto k : c10::irange(adapted.size())) {
+        fused_sgd_step(adapted[k], params[k], grads[k]);
+      }
+    }
+    if (adapted.size() < param_groups_.size()) {
+      GradientsHidden adapted_grads_hidden(params); // the base steps the excluded groups only
+      base_->step();
+    }
+    return loss;
+  }
+  carried_norms_.clear(); // the parameters are written by other means from here on
   {
     at::NoGradGuard no_grad;
     for (const auto k : c10::irange(adapted.size())) {
@@ -218,14 +300,13 @@ torch::Tensor LARS::step(LossClosure closure) {
       lars_scale_gradients_(
           params[k],
           grads[k],
-          weight_decay_of(group_options),
+          weight_decays[k],
           at::scalar_tensor(group_options.get_lr(), at::kDouble),
           options_.eps(),
           options_.trust_coef(),
           options_.clip());
     }
   }
-  copy_param_groups_to_base();
   std::vector<double*> base_weight_decays;
   for (const size_t index : adapted) {
     if (double* weight_decay = weight_decay_field(base_->param_groups()[index].options())) {
@@ -237,6 +318,88 @@ torch::Tensor LARS::step(LossClosure closure) {
     base_->step();
   }
   return loss;
+}
+
+void LARS::fused_sgd_step(
+    size_t group_index, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
+  const auto& options = static_cast<const torch::optim::SGDOptions&>(param_groups_[group_index].options());
+  // One operator call per dtype, and per first step: parameters without a momentum buffer
+  // yet get one, set by the step as torch::optim::SGD's first step sets it.
+  struct Call {
+    c10::ScalarType dtype;
+    bool is_first_step;
+    std::vector<at::Tensor> params, grads, momentum_buffers;
+  };
+  std::vector<Call> calls;
+  auto& state = base_->state();
+  for (const auto j : c10::irange(params.size())) {
+    const at::Tensor& param = params[j];
+    bool is_first_step = false;
+    at::Tensor momentum_buffer;
+    if (options.momentum() != 0) {
+      auto& param_state = state[param.unsafeGetTensorImpl()];
+      if (!param_state) {
+        auto sgd_state = std::make_unique<torch::optim::SGDParamState>();
+        sgd_state->momentum_buffer(at::empty_like(param));
+        param_state = std::move(sgd_state);
+        is_first_step = true;
+      }
+      momentum_buffer = static_cast<torch::optim::SGDParamState&>(*param_state).momentum_buffer();
+    }
+    auto call = std::find_if(calls.begin(), calls.end(), [&](const Call& c) {
+      return c.dtype == param.scalar_type() && c.is_first_step == is_first_step;
+    });
+    if (call == calls.end()) {
+      call = calls.insert(calls.end(), {param.scalar_type(), is_first_step, {}, {}, {}});
+    }
+    call->params.push_back(param);
+    call->grads.push_back(grads[j]);
+    if (momentum_buffer.defined()) {
+      call->momentum_buffers.push_back(momentum_buffer);
+    }
+  }
+  const at::Tensor lr = at::scalar_tensor(options.lr(), at::kDouble);
+  for (const auto& call : calls) {
+    const at::Tensor norms = param_norms(call.params);
+    lars_sgd_(
+        call.params, call.grads, call.momentum_buffers, norms, lr, options.weight_decay(), options.momentum(),
+        options.dampening(), options.nesterov(), /*maximize=*/false, call.is_first_step, options_.eps(),
+        options_.trust_coef(), options_.clip());
+    const auto carried = norms.accessor<float, 1>();
+    for (const auto j : c10::irange(call.params.size())) {
+      const at::Tensor& param = call.params[j];
+      carried_norms_.insert_or_assign(
+          param.unsafeGetTensorImpl(),
+          CarriedNorm{
+              c10::weak_intrusive_ptr<c10::TensorImpl>(param.getIntrusivePtr()), param.const_data_ptr(),
+              param._version(), carried[j]});
+    }
+  }
+}
+
+at::Tensor LARS::param_norms(const std::vector<at::Tensor>& params) const {
+  at::Tensor norms = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
+  auto out = norms.accessor<float, 1>();
+  std::vector<size_t> stale;
+  std::vector<at::Tensor> stale_params;
+  for (const auto j : c10::irange(params.size())) {
+    const auto carried = carried_norms_.find(params[j].unsafeGetTensorImpl());
+    if (carried != carried_norms_.end() && carried->second.data == params[j].const_data_ptr() &&
+        carried->second.version == params[j]._version()) {
+      out[j] = carried->second.norm;
+    } else {
+      stale.push_back(j);
+      stale_params.push_back(params[j]);
+    }
+  }
+  if (!stale.empty()) {
+    const at::Tensor recomputed = lars_param_norms(stale_params);
+    const auto fresh = recomputed.accessor<float, 1>();
+    for (const auto k : c10::irange(stale.size())) {
+      out[stale[k]] = fresh[k];
+    }
+  }
+  return norms;
 }
 
 void LARS::copy_param_groups_to_base() const {
@@ -268,12 +431,14 @@ void LARS::load(torch::serialize::InputArchive& archive) {
     options.serialize(lars_archive);
   }
   check_excluded_param_groups(options, param_groups_.size());
+  copy_param_groups_to_base(); // groups added through the LARS since the last step, which the archive has
   base_->load(archive);
   options_ = std::move(options);
   param_groups_.clear();
   for (const auto& group : base_->param_groups()) {
     param_groups_.emplace_back(group);
   }
+  carried_norms_.clear(); // the norms of the loaded parameters are recomputed, to the same bits
 }
 
 } // namespace lars

@@ -20,13 +20,17 @@ TORCH_LIBRARY(torchlars, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }
 
-// Composed of ATen ops, so one kernel serves every device.
+// lars_scale_gradients_ is composed of ATen ops, so one kernel serves every device. The
+// fused step has a CPU kernel only; registered for every backend, it tells a caller with
+// CUDA or sparse tensors so (and that CUDA tensors take the foreach path).
 TORCH_LIBRARY_IMPL(torchlars, CompositeExplicitAutograd, m) {
   m.impl("lars_scale_gradients_", &lars::lars_scale_gradients_);
+  m.impl("lars_param_norms", &lars::lars_param_norms);
+  m.impl("lars_sgd_", &lars::lars_sgd_);
 }
 
-// The fused step has a CPU kernel; CUDA tensors take the foreach path.
-TORCH_LIBRARY_IMPL(torchlars, CPU, m) {
-  m.impl("lars_param_norms", &lars::lars_param_norms);
+// Sparse tensors are not covered by CompositeExplicitAutograd: the same kernel refuses them
+// by name.
+TORCH_LIBRARY_IMPL(torchlars, SparseCPU, m) {
   m.impl("lars_sgd_", &lars::lars_sgd_);
 }

@@ -1,8 +1,10 @@
 // The C++ API of liblars: options, the maths, the weight-decay takeover, state, streams.
 
+#include <lars/fused.h>
 #include <lars/lars.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -286,6 +288,38 @@ TEST(LARS, RefusesSparseGradientsBeforeScalingAny) {
   EXPECT_TRUE(at::equal(sparse.detach(), before));
 }
 
+TEST(LARS, RefusesAWeightDecayItCannotTakeBeforeScalingAny) {
+  // Group 0 is fine; group 1 is given, after construction, a weight decay LARS cannot take
+  // from this base.
+  auto w = leaf({3});
+  auto extra = leaf({2});
+  lars::LARS optimizer(std::make_shared<PlainOptimizer>(std::vector<at::Tensor>{w}, 0.0));
+  optimizer.add_param_group(OptimizerParamGroup({extra}));
+  optimizer.param_groups()[1].set_options(std::make_unique<PlainOptions>(0.01));
+  const auto g = at::randn({3});
+  set_grad(w, g);
+  set_grad(extra, at::randn({2}));
+  const auto before = w.detach().clone();
+  const auto message = error_of<c10::ValueError>([&] { optimizer.step(); });
+  EXPECT_TRUE(contains(message, "weight_decay=0.01"));
+  EXPECT_TRUE(at::equal(w.grad(), g));
+  EXPECT_TRUE(at::equal(w.detach(), before));
+}
+
+TEST(LARS, RefusesAMismatchedGradientBeforeScalingAny) {
+  auto w = leaf({3});
+  auto v = leaf({4, 2});
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1));
+  lars::LARS optimizer(sgd);
+  optimizer.add_param_group(OptimizerParamGroup({v}, std::make_unique<torch::optim::SGDOptions>(0.1)));
+  const auto g = at::randn({3});
+  set_grad(w, g);
+  v.mutable_grad() = at::randn({8});
+  const auto message = error_of<c10::ValueError>([&] { optimizer.step(); });
+  EXPECT_TRUE(contains(message, "the gradient of parameter 0 of param group 1"));
+  EXPECT_TRUE(at::equal(w.grad(), g));
+}
+
 // ---------------------------------------------------------------------------------------
 // Weight decay: taken for LARS, restored after the base step
 
@@ -416,6 +450,45 @@ TEST(LARS, SaveLoadContinuesIdentically) {
   EXPECT_TRUE(at::equal(first.w, second.w));
 }
 
+struct TwoGroups {
+  at::Tensor w, extra;
+  std::unique_ptr<lars::LARS> optimizer;
+};
+
+// SGD on `w`, and a second param group for `extra` added through the LARS.
+TwoGroups make_two_groups(const at::Tensor& w_init, const at::Tensor& extra_init) {
+  auto w = w_init.clone().requires_grad_(true);
+  auto extra = extra_init.clone().requires_grad_(true);
+  auto sgd = std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1).momentum(0.9));
+  auto optimizer = std::make_unique<lars::LARS>(sgd, lars::LARSOptions().trust_coef(0.02));
+  optimizer->add_param_group(
+      OptimizerParamGroup({extra}, std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(0.2).momentum(0.9))));
+  return {w, extra, std::move(optimizer)};
+}
+
+TEST(LARS, LoadsAfterAddParamGroup) {
+  auto first = make_two_groups(at::randn({4, 4}), at::randn({3, 2}));
+  for (int step = 0; step < 2; ++step) {
+    set_grad(first.w, at::randn({4, 4}));
+    set_grad(first.extra, at::randn({3, 2}));
+    first.optimizer->step();
+  }
+  std::stringstream saved;
+  torch::save(*first.optimizer, saved);
+  // Its added group has not reached the base yet (no step since): the load must still work.
+  auto second = make_two_groups(first.w.detach(), first.extra.detach());
+  torch::load(*second.optimizer, saved);
+  const auto g = at::randn({4, 4});
+  const auto extra_g = at::randn({3, 2});
+  for (auto* run : {&first, &second}) {
+    set_grad(run->w, g);
+    set_grad(run->extra, extra_g);
+    run->optimizer->step();
+  }
+  EXPECT_TRUE(at::equal(first.w, second.w));
+  EXPECT_TRUE(at::equal(first.extra, second.extra));
+}
+
 TEST(LARS, ArchivesAreInterchangeableWithThePlainBase) {
   const auto init = at::randn({4, 4});
   const std::vector<at::Tensor> grads = {at::randn({4, 4}), at::randn({4, 4}), at::randn({4, 4})};
@@ -512,6 +585,166 @@ TEST(LARSStreams, StepsOnTheCallersStream) {
     return w.detach().cpu();
   };
   EXPECT_TRUE(at::equal(run(true), run(false)));
+}
+
+// ---------------------------------------------------------------------------------------
+// The fused step around torch::optim::SGD (lars/fused.h): the norm carried, never stale
+
+constexpr double kFusedLr = 0.1, kFusedMomentum = 0.9, kFusedWeightDecay = 1e-3, kFusedTrustCoef = 0.02;
+
+// More than one chunk of the kernel (2**14 elements), and not a whole number of its lanes.
+const std::vector<int64_t> kFusedShape = {130, 129};
+
+struct FusedLARS {
+  explicit FusedLARS(const at::Tensor& init, torch::optim::SGDOptions options = torch::optim::SGDOptions(kFusedLr)
+                                                   .momentum(kFusedMomentum)
+                                                   .weight_decay(kFusedWeightDecay))
+      : w(init.clone().requires_grad_(true)),
+        sgd(std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, options)),
+        optimizer(std::make_unique<lars::LARS>(sgd, lars::LARSOptions().trust_coef(kFusedTrustCoef))) {}
+
+  at::Tensor momentum_buffer(const at::Tensor& param) const {
+    return static_cast<torch::optim::SGDParamState&>(*sgd->state().at(param.unsafeGetTensorImpl())).momentum_buffer();
+  }
+
+  at::Tensor w;
+  std::shared_ptr<torch::optim::SGD> sgd;
+  std::unique_ptr<lars::LARS> optimizer;
+};
+
+// w after one fused step from w, g and the momentum buffer, with the norm of w given, or
+// recomputed from w if undefined: what lars::LARS must give bit for bit.
+at::Tensor fused_step_of(const at::Tensor& w, const at::Tensor& g, const at::Tensor& buffer, bool is_first_step,
+                         at::Tensor param_norms = {}) {
+  std::vector<at::Tensor> params{w.detach().clone()};
+  std::vector<at::Tensor> buffers{is_first_step ? at::empty_like(w) : buffer.clone()};
+  if (!param_norms.defined()) {
+    param_norms = lars::lars_param_norms(params);
+  }
+  lars::lars_sgd_(params, {g}, buffers, param_norms.clone(), at::scalar_tensor(kFusedLr, at::kDouble),
+                  kFusedWeightDecay, kFusedMomentum, 0.0, false, false, is_first_step, 1e-8, kFusedTrustCoef, false);
+  return params[0];
+}
+
+TEST(FusedSGD, MatchesScalingThenSGD) {
+  using torch::optim::SGDOptions;
+  for (const auto& options : {SGDOptions(kFusedLr), SGDOptions(kFusedLr).momentum(0.9).dampening(0.3),
+                              SGDOptions(kFusedLr).momentum(0.9).nesterov(true)}) {
+    const auto init = at::randn(kFusedShape);
+    FusedLARS fused(init, SGDOptions(options).weight_decay(kFusedWeightDecay));
+    auto w = init.clone().requires_grad_(true);
+    torch::optim::SGD sgd(std::vector<at::Tensor>{w}, options);
+    for (int step = 0; step < 10; ++step) {
+      const auto g = at::randn(kFusedShape) * 0.1;
+      auto scaled = g.clone();
+      lars::lars_scale_gradients_({w}, {scaled}, kFusedWeightDecay, at::scalar_tensor(kFusedLr, at::kDouble), 1e-8,
+                                  kFusedTrustCoef, false);
+      set_grad(w, scaled);
+      sgd.step();
+      set_grad(fused.w, g);
+      fused.optimizer->step();
+      EXPECT_TRUE(at::equal(fused.w.grad(), g)); // the fused step leaves the gradient as it is
+    }
+    const double relative = ((fused.w - w).abs().max() / w.abs().max()).item<double>();
+    EXPECT_LE(relative, 1e-6) << "momentum " << options.momentum() << ", nesterov " << options.nesterov();
+  }
+}
+
+TEST(FusedSGD, CarriedNormIsTheRecomputedNorm) {
+  FusedLARS fused(at::randn(kFusedShape));
+  for (int step = 0; step < 6; ++step) {
+    const auto g = at::randn(kFusedShape) * 0.1;
+    const auto expected = step == 0 ? fused_step_of(fused.w, g, {}, true)
+                                    : fused_step_of(fused.w, g, fused.momentum_buffer(fused.w), false);
+    set_grad(fused.w, g);
+    fused.optimizer->step(); // from the second step on, with the norm carried from the step before
+    ASSERT_TRUE(at::equal(fused.w, expected)) << "step " << step;
+  }
+}
+
+TEST(FusedSGD, NormsDoNotDependOnTheThreadCount) {
+  const std::vector<at::Tensor> tensors = {at::randn({5 * (1 << 14) + 3}), at::randn({300, 7})};
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const auto on_one = lars::lars_param_norms(tensors);
+  at::set_num_threads(2);
+  const auto on_two = lars::lars_param_norms(tensors);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(at::equal(on_one, on_two));
+}
+
+// Steps twice, lets `edit` write the parameter, and checks that the next step recomputed the
+// norm: it gives the recomputed step bit for bit, which the carried norm would not.
+void expect_recomputed_after(const std::function<void(FusedLARS&)>& edit) {
+  FusedLARS fused(at::randn(kFusedShape));
+  for (int step = 0; step < 2; ++step) {
+    set_grad(fused.w, at::randn(kFusedShape) * 0.1);
+    fused.optimizer->step();
+  }
+  const auto carried = lars::lars_param_norms({fused.w.detach()});
+  edit(fused);
+  const auto g = at::randn(kFusedShape) * 0.1;
+  const auto buffer = fused.momentum_buffer(fused.w);
+  const auto expected = fused_step_of(fused.w, g, buffer, false);
+  ASSERT_FALSE(at::equal(fused_step_of(fused.w, g, buffer, false, carried), expected));
+  set_grad(fused.w, g);
+  fused.optimizer->step();
+  EXPECT_TRUE(at::equal(fused.w, expected));
+}
+
+TEST(FusedSGD, AnInPlaceEditForcesARecompute) {
+  expect_recomputed_after([](FusedLARS& fused) {
+    at::NoGradGuard no_grad;
+    fused.w.mul_(3);
+  });
+}
+
+TEST(FusedSGD, NewDataForcesARecompute) {
+  expect_recomputed_after([](FusedLARS& fused) { fused.w.set_data(at::randn(kFusedShape)); });
+}
+
+TEST(FusedSGD, LoadingAnArchiveForcesARecompute) {
+  // Loads the optimizer's own archive, after new weights were loaded without a version bump.
+  expect_recomputed_after([](FusedLARS& fused) {
+    std::stringstream archive;
+    torch::save(*fused.optimizer, archive);
+    {
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below_version_counting;
+      fused.w.mul_(0.5); // not seen by the version counter
+    }
+    torch::load(*fused.optimizer, archive);
+  });
+}
+
+TEST(FusedSGD, AReplacedParameterForcesARecompute) {
+  FusedLARS fused(at::randn(kFusedShape));
+  set_grad(fused.w, at::randn(kFusedShape) * 0.1);
+  fused.optimizer->step();
+  auto replacement = at::randn(kFusedShape).requires_grad_(true);
+  fused.optimizer->param_groups()[0].params()[0] = replacement;
+  const auto g = at::randn(kFusedShape) * 0.1;
+  const auto expected = fused_step_of(replacement, g, {}, true);
+  set_grad(replacement, g);
+  fused.optimizer->step();
+  EXPECT_TRUE(at::equal(replacement, expected));
+}
+
+TEST(FusedSGD, ResumesFromAnArchiveBitForBit) {
+  FusedLARS trained(at::randn(kFusedShape));
+  std::vector<at::Tensor> grads;
+  for (int step = 0; step < 6; ++step) {
+    grads.push_back(at::randn(kFusedShape) * 0.1);
+  }
+  train(trained.w, *trained.optimizer, {grads[0], grads[1], grads[2]});
+  std::stringstream archive;
+  torch::save(*trained.optimizer, archive);
+  FusedLARS resumed(trained.w.detach());
+  torch::load(*resumed.optimizer, archive);
+  train(trained.w, *trained.optimizer, {grads[3], grads[4], grads[5]});
+  train(resumed.w, *resumed.optimizer, {grads[3], grads[4], grads[5]});
+  EXPECT_TRUE(at::equal(trained.w, resumed.w));
+  EXPECT_TRUE(at::equal(trained.momentum_buffer(trained.w), resumed.momentum_buffer(resumed.w)));
 }
 
 } // namespace

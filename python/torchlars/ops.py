@@ -1,8 +1,10 @@
-"""``torch.ops.torchlars``: the LARS step of liblars as a PyTorch custom operator.
+"""``torch.ops.torchlars``: the LARS steps of liblars as PyTorch custom operators.
 
 Importing this module loads the C++ extension (``torchlars._C``, which registers the
-operator) and registers the operator's fake implementation, with which ``torch.compile``
-and meta tensors trace through it. ``LARS(..., backend="cpp")`` steps with it.
+operators) and registers the operators' fake implementations, with which ``torch.compile``
+and meta tensors trace through them. ``LARS(..., backend="cpp")`` steps with
+``lars_scale_gradients_``; the fused path with ``lars_param_norms`` and ``lars_sgd_``
+(liblars's fused LARS + momentum-SGD kernel, ``cpp/include/lars/fused.h``).
 """
 
 from __future__ import annotations
@@ -59,4 +61,50 @@ def _lars_scale_gradients_fake(
         torch._check(
             param.shape == grad.shape and param.dtype == grad.dtype and param.device == grad.device,
             lambda: f"lars_scale_gradients_: grads[{i}] does not match params[{i}]",
+        )
+
+
+@torch.library.register_fake("torchlars::lars_param_norms")
+def _lars_param_norms_fake(tensors: list[Tensor]) -> Tensor:
+    # One fp32 norm per tensor, on the tensors' device, whatever their dtype.
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.empty(len(tensors), dtype=torch.float32, device=device)
+
+
+@torch.library.register_fake("torchlars::lars_sgd_")
+def _lars_sgd_fake(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    param_norms: Tensor,
+    *,
+    lr: Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    # Only mutates params, momentum_buffers and param_norms in place: the shape checks of the kernel.
+    torch._check(
+        len(grads) == len(params), lambda: f"lars_sgd_: got {len(params)} params but {len(grads)} grads"
+    )
+    torch._check(
+        len(momentum_buffers) == len(params) or (momentum == 0 and not momentum_buffers),
+        lambda: f"lars_sgd_: got {len(params)} params but {len(momentum_buffers)} momentum_buffers",
+    )
+    torch._check(
+        param_norms.dtype == torch.float32 and param_norms.shape == (len(params),),
+        lambda: f"lars_sgd_: param_norms must be a 1-D fp32 tensor of {len(params)} norms",
+    )
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        torch._check(
+            param.shape == grad.shape and param.dtype == grad.dtype,
+            lambda: f"lars_sgd_: grads[{i}] does not match params[{i}]",
         )

@@ -5,11 +5,15 @@
 
 #include <lars/functional.h>
 
+#include <c10/core/TensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 namespace lars {
@@ -69,6 +73,15 @@ struct LARSOptions {
 /// "weight_decay" (read through their serialisation, at every step). Param groups listed in
 /// LARSOptions::excluded_param_groups are left to the base entirely.
 ///
+/// Around torch::optim::SGD with CPU parameters, LARS and the SGD step are one fused
+/// operator (lars/fused.h): the gradients are left as they are, the momentum buffers stay in
+/// the SGD's state (so its archive is a plain SGD's), and each parameter's norm is carried
+/// from one step to the next. A carried norm is used only if the parameter is the same
+/// tensor, on the same memory, with the version counter the step left; anything else (an
+/// in-place edit, a replaced parameter or `.set_data`, `load`) makes the step recompute it,
+/// to the same bits. Writes through `.data()`, which has a version counter of its own, are
+/// not seen.
+///
 /// LARS holds its own copy of the base's param groups: configure the optimizer through the
 /// LARS (`param_groups()`, `add_param_group`, LR schedulers); before every step and save,
 /// the LARS's param group options are copied into the base. The base's per-parameter state
@@ -96,8 +109,23 @@ class LARS : public torch::optim::Optimizer {
   void copy_param_groups_to_base() const;
   std::vector<size_t> adapted_param_groups() const;
 
+  // The fused LARS + SGD step of one param group's `params` (with their `grads`).
+  void fused_sgd_step(size_t group_index, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads);
+  // The norms of `params` (one dtype): carried where still valid, recomputed otherwise.
+  at::Tensor param_norms(const std::vector<at::Tensor>& params) const;
+
+  // A parameter's norm as the last fused step left it, and what identifies the parameter
+  // then. The weak reference keeps another tensor from taking the parameter's address.
+  struct CarriedNorm {
+    c10::weak_intrusive_ptr<c10::TensorImpl> param;
+    const void* data;
+    int64_t version;
+    float norm;
+  };
+
   std::shared_ptr<torch::optim::Optimizer> base_;
   LARSOptions options_;
+  std::unordered_map<const c10::TensorImpl*, CarriedNorm> carried_norms_;
 };
 
 } // namespace lars
