@@ -48,8 +48,8 @@ def bench_case(set_name: str, dtype_name: str, device: str, chosen: list[Variant
         row = {"set": set_name, "dtype": dtype_name, "variant": variant.name, "label": variant.label,
                "mode": variant.mode, "tensors": len(shapes), "bytes": numel(shapes) * dtype.itemsize}
         reason = variant.unavailable()
-        if reason is None and variant.mode == "compiled" and args.no_compile:
-            reason = "--no-compile"
+        if reason is None and variant.mode == "compiled" and (args.no_compile or set_name not in args.compile_sets):
+            reason = "--no-compile" if args.no_compile else f"--compile-sets {' '.join(args.compile_sets)}"
         if reason is None and variant.mode == "compiled" and args.quick and len(shapes) > 200:
             reason = f"--quick: compiling a step over {len(shapes)} tensors takes minutes"
         if reason is None:
@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per round (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation included)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--compile-sets", nargs="+", choices=tuple(PARAM_SETS), default=list(PARAM_SETS),
+                        help="the sets with compiled variants (compiling a step over 996 tensors takes minutes)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or CPU time of the stepping thread (CPU, --threads 1: a busy machine)")
