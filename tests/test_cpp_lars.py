@@ -188,3 +188,34 @@ def test_the_module_is_reached_from_the_package():
     import torchlars
 
     assert torchlars.cpp is cpp
+
+
+def test_steps_from_several_threads_run_one_at_a_time():
+    # step() releases the GIL; its lock makes concurrent steps of one optimizer run one after
+    # the other, so they give the numbers of the same steps taken in turn. (Without the lock,
+    # threads scale and update the same tensors at once and lose each other's writes.)
+    import threading
+
+    threads, steps = 4, 5
+    generator = torch.Generator().manual_seed(2)
+    init, grad = torch.randn(2, 512, 512, generator=generator)
+    params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    optimizers = [cpp.LARS([param], "sgd", lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.1) for param in params]
+    for param in params:
+        param.grad = grad.clone()
+    for _ in range(threads * steps):
+        optimizers[0].step()
+    start = threading.Barrier(threads)
+
+    def stepping():
+        start.wait()
+        for _ in range(steps):
+            optimizers[1].step()
+
+    workers = [threading.Thread(target=stepping) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert torch.equal(params[1].grad, params[0].grad)
+    assert torch.equal(params[1], params[0])

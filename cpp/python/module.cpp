@@ -11,6 +11,7 @@
 #include <torch/optim/sgd.h>
 
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -174,6 +175,30 @@ std::shared_ptr<torch::optim::Optimizer> make_base(
       "'adagrad', got '", name, "'");
 }
 
+// lars::LARS behind a lock. step() and zero_grad() release the GIL, so without it two Python
+// threads could step one optimizer at once and race on its gradients, state and param groups.
+class LockedLARS {
+ public:
+  explicit LockedLARS(std::unique_ptr<lars::LARS> lars) : lars_(std::move(lars)) {}
+
+  void step() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    lars_->step();
+  }
+
+  void zero_grad(bool set_to_none) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    lars_->zero_grad(set_to_none);
+  }
+
+  // Set at construction and never changed by a step.
+  const lars::LARSOptions& options() const { return lars_->options(); }
+
+ private:
+  std::mutex mutex_;
+  std::unique_ptr<lars::LARS> lars_;
+};
+
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -196,7 +221,7 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  py::class_<lars::LARS>(m, "LARS")
+  py::class_<LockedLARS>(m, "LARS")
       .def(
           py::init([](const std::vector<ParamGroup>& groups,
                       const std::string& base,
@@ -205,13 +230,13 @@ PYBIND11_MODULE(_C, m) {
                       double trust_coef,
                       bool clip,
                       std::vector<size_t> excluded_param_groups) {
-            return std::make_unique<lars::LARS>(
+            return std::make_unique<LockedLARS>(std::make_unique<lars::LARS>(
                 make_base(base, groups, base_defaults),
                 lars::LARSOptions()
                     .eps(eps)
                     .trust_coef(trust_coef)
                     .clip(clip)
-                    .excluded_param_groups(std::move(excluded_param_groups)));
+                    .excluded_param_groups(std::move(excluded_param_groups))));
           }),
           py::arg("param_groups"),
           py::arg("base"),
@@ -220,16 +245,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("trust_coef"),
           py::arg("clip"),
           py::arg("excluded_param_groups"))
-      .def(
-          "step",
-          [](lars::LARS& self) { self.step(); },
-          py::call_guard<py::gil_scoped_release>())
+      .def("step", &LockedLARS::step, py::call_guard<py::gil_scoped_release>())
       .def(
           "zero_grad",
-          [](lars::LARS& self, bool set_to_none) { self.zero_grad(set_to_none); },
+          &LockedLARS::zero_grad,
           py::arg("set_to_none") = true,
           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("eps", [](const lars::LARS& self) { return self.options().eps(); })
-      .def_property_readonly("trust_coef", [](const lars::LARS& self) { return self.options().trust_coef(); })
-      .def_property_readonly("clip", [](const lars::LARS& self) { return self.options().clip(); });
+      .def_property_readonly("eps", [](const LockedLARS& self) { return self.options().eps(); })
+      .def_property_readonly("trust_coef", [](const LockedLARS& self) { return self.options().trust_coef(); })
+      .def_property_readonly("clip", [](const LockedLARS& self) { return self.options().clip(); });
 }
