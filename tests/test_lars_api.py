@@ -15,6 +15,7 @@ from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lars_reference import ReferenceLARS
 from torchlars import LARS
 from torchlars_extension import import_extension
 
@@ -430,15 +431,27 @@ def test_every_scheduler_with_its_defaults_drives_lars_like_the_base(name):
         assert torch.equal(param, expected)
 
 
-def test_scheduler_cycles_momentum_through_the_shared_param_groups():
-    optimizer = make_lars(make_model())
-    scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+def test_scheduler_cycles_the_momentum_the_base_steps_with():
+    # OneCycleLR sets lr and momentum on LARS's param groups; the base must step with them, as
+    # LARS by hand around an SGD driven by the same schedule does.
+    model = make_model()
+    reference_model = copy.deepcopy(model)
+    optimizer = make_lars(model)
+    reference = ReferenceLARS(torch.optim.SGD, [{"params": list(reference_model.parameters()), "weight_decay": 1e-3}],
+                              {"lr": 0.1, "momentum": 0.9})
+    schedulers = [lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10) for opt in (optimizer, reference.base)]
     momenta = []
-    for _ in range(4):
+    for step in range(4):
+        backward(model, seed=step)
+        backward(reference_model, seed=step)
         optimizer.step()
-        scheduler.step()
-        momenta.append(optimizer.optim.param_groups[0]["momentum"])
+        reference.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        momenta.append(optimizer.param_groups[0]["momentum"])
     assert len(set(momenta)) == 4
+    for param, expected in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
 
 
 # --- serialisation -------------------------------------------------------------------------------
@@ -558,16 +571,31 @@ def test_grad_scaler_with_autocast_on_cpu(dtype):
         torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_grad_scaler_skips_the_step_on_inf():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_grad_scaler_skips_the_step_on_inf(fused):
+    # Around a foreach SGD, GradScaler unscales and checks the gradients itself, and never calls
+    # LARS.step on an overflow. Around a fused SGD, LARS takes grad_scale and found_inf as torch's
+    # fused optimizers do: GradScaler calls LARS.step, which must change nothing.
+    if fused:
+        import_extension("torchlars.ops")
     model = make_model()
-    optimizer = make_lars(model)
-    scaler = torch.amp.GradScaler("cpu")
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3,
+                           **({"fused": True} if fused else {"foreach": True}))
+    optimizer = LARS(base)
+    lars_steps = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: lars_steps.append(opt.found_inf.item()))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = [p.detach().clone() for p in model.parameters()]
     loss = model(torch.randn(8, 6)).sum() * float("inf")
     scaler.scale(loss).backward()
     scaler.step(optimizer)
+    scaler.update()
+    assert lars_steps == ([1.0] if fused else [])
+    assert scaler.get_scale() == 2.0**9
     for param, expected in zip(model.parameters(), before):
         assert torch.equal(param, expected)
+        assert "momentum_buffer" not in optimizer.state[param]
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-3
 
 
 # --- robustness to torch's private names -------------------------------------------------------

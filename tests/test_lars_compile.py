@@ -62,8 +62,9 @@ def test_compiled_step_is_one_graph_with_eager_numbers(name, clip):
     for param, expected in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
     assert optimizer.param_groups[0]["weight_decay"] == eager.param_groups[0]["weight_decay"]
-    # The first call compiles; the second recompiles once the base has created its state.
-    assert counters["stats"]["unique_graphs"] <= 2
+    # The first call compiles; the second recompiles once the base has created its state; the
+    # later calls, with a new lr each, reuse that graph.
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_scheduler_changing_a_tensor_lr_causes_no_recompilation():
