@@ -33,7 +33,7 @@ namespace {
 struct Settings {
   std::string data_path;
   int64_t batch_size = 8192;
-  int64_t epochs = 14;
+  int64_t epochs = 20;
   double lr = 5.0;  // peak base LR, reached at the end of warm-up
   double trust_coef = 0.01;
   double warmup_epochs = 2.0;
@@ -47,7 +47,7 @@ struct Settings {
 };
 
 const char* const kUsage =
-    "usage: train_mnist1d DATA.pt [--batch-size 8192] [--epochs 14] [--lr 5] [--trust-coef 0.01]\n"
+    "usage: train_mnist1d DATA.pt [--batch-size 8192] [--epochs 20] [--lr 5] [--trust-coef 0.01]\n"
     "                     [--warmup-epochs 2] [--weight-decay 5e-4] [--momentum 0.9] [--seed 0]\n"
     "                     [--threads N] [--min-accuracy 0]\n"
     "DATA.pt: written by `python -m torchlars.demo --export-data DATA.pt`\n";
