@@ -13,6 +13,7 @@ picks between its own:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import functools
 import importlib
 import importlib.util
 from typing import Any
@@ -304,35 +305,14 @@ def lars_sgd(
     ``grad_scale`` and ``found_inf`` are ``torch.amp.GradScaler``'s: the gradients are
     divided by ``grad_scale``, and nothing changes if ``found_inf`` is non-zero.
 
-    ``fused=True`` steps with liblars's fused operator ``torch.ops.torchlars.lars_sgd_`` (CPU
-    tensors; the norms ``||w||`` are carried in ``carried_norms`` from one step to the next),
+    ``fused=True`` steps with liblars's fused operator ``torch.ops.torchlars.lars_sgd_`` (plain
+    CPU tensors; the norms ``||w||`` are carried in ``carried_norms`` from one step to the next),
     except under ``torch.compile``, where Inductor fuses the ``torch._foreach_*`` ops of
-    ``_multi_tensor_lars_sgd`` instead. ``fused=None`` and ``foreach=None`` pick the fused
-    operator where it runs (CPU tensors, the C++ extension installed, eager) and the
+    ``_multi_tensor_lars_sgd`` instead. ``fused=None`` and ``foreach=None`` pick, per device and
+    dtype, the fused operator where it runs (the C++ extension installed, eager) and the
     ``torch._foreach_*`` ops elsewhere; ``foreach=False`` steps one parameter at a time.
     """
     if not params:
-        return
-    if fused is None and foreach is None:
-        fused = fused_lars_sgd_supports(params)
-    if fused and not torch.compiler.is_compiling():
-        _fused_lars_sgd(
-            params,
-            grads,
-            momentum_buffer_list,
-            carried_norms=carried_norms if carried_norms is not None else CarriedParamNorms(),
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
-            eps=eps,
-            trust_coef=trust_coef,
-            clip=clip,
-        )
         return
     settings = dict(
         grad_scale=grad_scale,
@@ -347,28 +327,41 @@ def lars_sgd(
         trust_coef=trust_coef,
         clip=clip,
     )
-    if fused or foreach or foreach is None:
+    eager = not torch.compiler.is_compiling()
+    if eager and (fused or (fused is None and foreach is None and _extension_installed())):
+        if carried_norms is None:
+            carried_norms = CarriedParamNorms()
+        _fused_lars_sgd(params, grads, momentum_buffer_list, carried_norms=carried_norms, strict=bool(fused), **settings)
+    elif fused or foreach or foreach is None:
         _multi_tensor_lars_sgd(params, grads, momentum_buffer_list, **settings)
-        return
-    for index in range(len(params)):
-        buffers = momentum_buffer_list[index : index + 1]
-        _multi_tensor_lars_sgd(params[index : index + 1], grads[index : index + 1], buffers, **settings)
-        momentum_buffer_list[index : index + 1] = buffers
+    else:
+        for index in range(len(params)):
+            buffers = momentum_buffer_list[index : index + 1]
+            _multi_tensor_lars_sgd(params[index : index + 1], grads[index : index + 1], buffers, **settings)
+            momentum_buffer_list[index : index + 1] = buffers
 
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# What the fused operator steps: plain tensors. A DTensor's norm is not its local shard's
+# (see _distributed), and other subclasses may dispatch elsewhere.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def fused_lars_sgd_supports(params: list[Tensor]) -> bool:
     """Whether liblars's fused operator can step ``params`` (and is installed)."""
-    # Plain tensors: a DTensor's norm is not its local shard's (see _distributed).
-    return (
-        all(
-            type(param) in (Tensor, torch.nn.Parameter) and param.device.type == "cpu" and param.dtype in FUSED_DTYPES
-            for param in params
-        )
-        and importlib.util.find_spec("torchlars._C") is not None
+    return _extension_installed() and all(
+        _fused_bucket(device, dtype, bucket)
+        for (device, dtype), ((bucket,), _) in _group_tensors_by_device_and_dtype([params]).items()
     )
+
+
+def _fused_bucket(device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> bool:
+    return device.type == "cpu" and dtype in FUSED_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
+
+
+@functools.cache
+def _extension_installed() -> bool:
+    return importlib.util.find_spec("torchlars._C") is not None
 
 
 def _fused_lars_sgd(
@@ -377,6 +370,7 @@ def _fused_lars_sgd(
     momentum_buffer_list: list[Tensor | None],
     *,
     carried_norms: CarriedParamNorms,
+    strict: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -389,52 +383,71 @@ def _fused_lars_sgd(
     trust_coef: float,
     clip: bool,
 ) -> None:
+    """The fused operator per (device, dtype) bucket; ``_multi_tensor_lars_sgd`` for a bucket it
+    cannot step, or an error if ``strict`` (``fused=True``)."""
     # Imported here: the pure-Python package works without the C++ extension.
     from torchlars import ops  # noqa: F401  (defines torch.ops.torchlars)
 
-    # The kernel skips an overflowing step by itself. Returning here as well keeps the
-    # momentum buffers of a skipped first step unset, so the next step is a first step, as
-    # with GradScaler and a plain SGD. Reading the flag is no device sync: the kernel is CPU-only.
-    if found_inf is not None and bool(found_inf.item()):
-        return
-    if not isinstance(lr, Tensor):
-        lr = torch.tensor(lr, dtype=torch.float64)
+    settings = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        eps=eps,
+        trust_coef=trust_coef,
+        clip=clip,
+    )
     grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
+    if any(_fused_bucket(device, dtype, bucket) for (device, dtype), ((bucket, _, _), _) in grouped.items()):
+        # The kernel skips an overflowing step by itself. Returning here as well keeps the
+        # momentum buffers of a skipped first step unset, so the next step is a first step, as
+        # with GradScaler and a plain SGD. No device sync: found_inf is on the CPU with them.
+        if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item()):
+            return
+    op_lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     for (device, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
-        # One operator call per kind of momentum buffer: those to initialise (a first step)
-        # and those to update; normally all of a group's parameters are of one kind.
-        calls = {False: [], True: []}
-        for position, buffer in enumerate(device_buffers):
-            calls[momentum != 0 and buffer is None].append(position)
-        for is_first_step, positions in calls.items():
-            if not positions:
-                continue
-            step_params = [device_params[i] for i in positions]
-            buffers: list[Tensor] = []
-            if momentum != 0:
-                for i in positions:
-                    if is_first_step:
-                        device_buffers[i] = momentum_buffer_list[indices[i]] = torch.empty_like(device_params[i])
-                    buffers.append(device_buffers[i])
+        if not _fused_bucket(device, dtype, device_params):
+            if strict:
+                raise RuntimeError(
+                    f"lars_sgd: fused=True steps plain CPU tensors of {FUSED_DTYPES}, got "
+                    f"{type(device_params[0]).__name__} tensors of {dtype} on {device}"
+                )
+            _multi_tensor_lars_sgd(device_params, device_grads, device_buffers, grad_scale=grad_scale,
+                                   found_inf=found_inf, **settings)
+            for index, buffer in zip(indices, device_buffers):
+                momentum_buffer_list[index] = buffer
+            continue
+        # One operator call per kind of momentum buffer: those to update, and those to
+        # initialise (a first step); normally all of a bucket's buffers are of one kind.
+        if momentum == 0:
+            calls = [(False, device_params, device_grads, [])]
+        elif not any(buffer is None for buffer in device_buffers):
+            calls = [(False, device_params, device_grads, device_buffers)]
+        else:
+            updated = [i for i, buffer in enumerate(device_buffers) if buffer is not None]
+            first = [i for i, buffer in enumerate(device_buffers) if buffer is None]
+            for i in first:
+                device_buffers[i] = momentum_buffer_list[indices[i]] = torch.empty_like(device_params[i])
+            calls = [
+                (is_first_step, [device_params[i] for i in positions], [device_grads[i] for i in positions],
+                 [device_buffers[i] for i in positions])
+                for is_first_step, positions in ((False, updated), (True, first))
+                if positions
+            ]
+        for is_first_step, step_params, step_grads, step_buffers in calls:
             key = (device, dtype, is_first_step)
             param_norms = carried_norms.lookup(key, step_params)
             torch.ops.torchlars.lars_sgd_(
                 step_params,
-                [device_grads[i] for i in positions],
-                buffers,
+                step_grads,
+                step_buffers,
                 param_norms,
-                lr=lr,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                dampening=dampening,
-                nesterov=nesterov,
-                maximize=maximize,
                 is_first_step=is_first_step,
-                eps=eps,
-                trust_coef=trust_coef,
-                clip=clip,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                **{**settings, "lr": op_lr},
             )
             carried_norms.carry(key, step_params, param_norms)
 

@@ -276,7 +276,8 @@ def step_group(
     if not params:
         return
     momentum = group["momentum"]
-    buffers = [state[param].get("momentum_buffer") if momentum != 0 else None for param in params]
+    buffers = [state[param].get("momentum_buffer") for param in params] if momentum != 0 else [None] * len(params)
+    new_buffers = momentum != 0 and any(buffer is None for buffer in buffers)
     options = dict(
         lr=group["lr"],
         weight_decay=group["weight_decay"],
@@ -313,7 +314,7 @@ def step_group(
             clip=clip,
             **options,
         )
-    if momentum != 0:
+    if new_buffers:  # the others are in the state already
         for param, buffer in zip(params, buffers):
             state[param]["momentum_buffer"] = buffer
 
@@ -321,19 +322,25 @@ def step_group(
 def params_with_dense_grads(group: dict[str, Any], group_index: int, owner: str) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones."""
     params, grads = [], []
-    for param_index, param in enumerate(group["params"]):
-        if param.grad is None:
-            continue
-        if group.get("fused") and not group.get("lars_exclude", False):
-            check_fused_param(param, f"parameter {param_index} of param group {group_index}", owner)
-        if param.grad.is_sparse and not group.get("lars_exclude", False):
-            raise RuntimeError(
-                f"{owner} does not support sparse gradients: parameter {param_index} of param group "
-                f"{group_index} has one. Put it in a group with \"lars_exclude\": True, or use a "
-                "dense gradient (e.g. nn.Embedding(sparse=False))."
-            )
-        params.append(param)
-        grads.append(param.grad)
+    adapted = not group.get("lars_exclude", False)
+    for param in group["params"]:
+        grad = param.grad
+        if grad is not None:
+            params.append(param)
+            grads.append(grad)
+    if adapted and group.get("fused") and not fused_lars_sgd_supports(params):
+        # The check above runs per bucket; find the parameter to name.
+        for param_index, param in enumerate(group["params"]):
+            if param.grad is not None:
+                check_fused_param(param, f"parameter {param_index} of param group {group_index}", owner)
+    if adapted and any(grad.is_sparse for grad in grads):
+        param_index = next(i for i, param in enumerate(group["params"]) if param.grad is not None and param.grad.is_sparse)
+        fused = "`fused=True` and " if group.get("fused") else ""
+        raise RuntimeError(
+            f"{owner}: {fused}LARS do not support sparse gradients, but parameter {param_index} of param "
+            f"group {group_index} has one. Put it in a group with \"lars_exclude\": True, or use a "
+            "dense gradient (e.g. nn.Embedding(sparse=False))."
+        )
     return params, grads
 
 
@@ -356,5 +363,3 @@ def check_fused_param(param: Tensor, position: str, owner: str) -> None:
             f"{', '.join(str(dtype).removeprefix('torch.') for dtype in FUSED_DTYPES)}, "
             f"but {position} is {param.dtype}."
         )
-    if param.grad is not None and param.grad.is_sparse:
-        raise RuntimeError(f"{owner}: `fused=True` does not support sparse gradients, but {position} has one.")
