@@ -1,7 +1,8 @@
 """What each gloo rank runs for test_distributed.py.
 
-Every case trains the same tiny problem twice in each process: distributed (DDP, FSDP2 or
+Every case trains the same tiny problem twice in each process: distributed (DDP, FSDP2, HSDP or
 hand-placed DTensors) and as one unsharded single-process run, then compares the parameters.
+They run on 4 ranks, so that both dimensions of the 2-D meshes are of size 2.
 Results go to ``<out_dir>/rank<r>.json``: per case, the error (or None) and the collectives
 counted during ``LARS.step()``.
 """
@@ -19,8 +20,8 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
@@ -235,11 +236,16 @@ def dtensors_mixed() -> dict[str, int]:
     return {op: max(counts.get(op, 0), counts_clip.get(op, 0)) for op in {*counts, *counts_clip}}
 
 
+def _two_by_two_mesh(names: tuple[str, str]) -> DeviceMesh:
+    assert dist.get_world_size() == 4, "the 2-D cases run on 4 ranks: both mesh dimensions of size 2"
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+
+
 def dtensors_two_meshes() -> dict[str, int]:
-    """2-D meshes: HSDP-style (Replicate, Shard) on one, pieces along both dimensions on another."""
-    world_size = dist.get_world_size()
-    hsdp = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
-    fsdp_tp = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp", "tp"))
+    """2-D meshes, both dimensions of size 2: HSDP-style (Replicate, Shard) on one, FSDP + TP
+    pieces along both dimensions on another, copies along either dimension on both."""
+    hsdp = _two_by_two_mesh(("replicate", "shard"))
+    fsdp_tp = _two_by_two_mesh(("dp", "tp"))
     layout = [
         ((5, 3), torch.float32, hsdp, [Replicate(), Shard(0)]),
         ((3, 4), torch.float32, hsdp, [Replicate(), Replicate()]),
@@ -249,6 +255,32 @@ def dtensors_two_meshes() -> dict[str, int]:
         ((3, 3), torch.float32, fsdp_tp, [Replicate(), Replicate()]),
     ]
     return _placed_run(layout, [{"params": list(range(len(layout)))}], clip=False)
+
+
+def _hsdp(model: nn.Module) -> nn.Module:
+    mesh = _two_by_two_mesh(("replicate", "shard"))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def hsdp() -> dict[str, int]:
+    """FSDP2's HSDP on a 2 x 2 mesh: parameters (Replicate(), Shard(0)), each batch over 4 ranks."""
+    return _compare_with_single_process(_hsdp, clip=False)
+
+
+def fsdp1_refused() -> dict[str, int]:
+    """FSDP1's flat parameters, and with use_orig_params=True the views into them, are refused."""
+    for use_orig_params, expected in ((False, "FlatParameter"), (True, "use_orig_params=True")):
+        model = FullyShardedDataParallel(_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        try:
+            LARS(torch.optim.SGD(model.parameters(), lr=0.1))
+        except ValueError as error:
+            assert expected in str(error) and "FSDP2" in str(error), str(error)
+        else:
+            raise AssertionError(f"no error for FSDP1 with use_orig_params={use_orig_params}")
+    return {}
 
 
 def unsupported_placements() -> dict[str, int]:
@@ -279,8 +311,10 @@ CASES = {
         ddp_no_clip,
         ddp_clip,
         dtensors_mixed,
-        dtensors_two_meshes,
         unsupported_placements,
         zero_lars_sgd,
+        fsdp1_refused,
+        dtensors_two_meshes,
+        hsdp,
     )
 }

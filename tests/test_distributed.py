@@ -1,7 +1,8 @@
-"""LARS under DDP, FSDP2 and hand-placed DTensors, on 2 gloo ranks on the CPU.
+"""LARS under DDP, FSDP2, HSDP and hand-placed DTensors, on 4 gloo ranks on the CPU.
 
-All cases run in one pair of processes (``_distributed_worker.py``), started once for the
-module; each test checks its case's result on both ranks. The reference is the same training
+All cases run in one set of processes (``_distributed_worker.py``), started once for the
+module; each test checks its case's result on every rank. Four ranks, so that both
+dimensions of the 2 x 2 meshes are larger than 1. The reference is the same training
 in a single process without sharding, computed by each rank itself.
 """
 
@@ -19,7 +20,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 import _distributed_worker  # noqa: E402  (needs torch.distributed)
 
-WORLD_SIZE = 2
+WORLD_SIZE = 4
 TIMEOUT_S = 120
 
 
@@ -102,6 +103,16 @@ def test_2d_meshes(results):
         assert _all_reduces(collectives) == 2, f"expected one all-reduce per mesh: {collectives}"
 
 
+def test_hsdp_matches_single_process(results):
+    for collectives in _case(results, "hsdp"):
+        # Norms summed over the shard dimension only, in one all-reduce per step.
+        assert _all_reduces(collectives) == 1, collectives
+
+
+def test_fsdp1_flat_parameters_are_refused(results):
+    _case(results, "fsdp1_refused")
+
+
 def test_partial_and_mismatched_gradients_are_refused(results):
     _case(results, "unsupported_placements")
 
@@ -124,5 +135,5 @@ def test_runs_on_the_meta_device_without_distributed():
 
 def test_worker_cases_are_all_tested():
     tested = {"fsdp2_no_clip", "fsdp2_clip", "ddp_no_clip", "ddp_clip", "dtensors_mixed",
-              "dtensors_two_meshes", "unsupported_placements", "zero_lars_sgd"}
+              "dtensors_two_meshes", "unsupported_placements", "zero_lars_sgd", "fsdp1_refused", "hsdp"}
     assert set(_distributed_worker.CASES) == tested
