@@ -18,7 +18,9 @@ class LARS:
 
     The same algorithm as :class:`torchlars.LARS` (see its docstring for the formula and
     the paper), computed by ``lars::LARS`` of liblars around libtorch's SGD, Adam, AdamW,
-    RMSprop or Adagrad. The parity tests hold both to the same numbers.
+    RMSprop or Adagrad. The parity tests hold both to the same numbers. ``step`` and
+    ``zero_grad`` run in C++ without the GIL, behind a lock of their own: calls from several
+    threads run one after the other.
 
     Example::
 
