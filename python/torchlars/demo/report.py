@@ -50,7 +50,7 @@ def save_plot(results: Sequence[RunResult], path: Path, *, baseline_batch_size: 
         ax.set_title(f"batch {_batch_label(batch_size)}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="center right", fontsize=8)  # clear of the curves, which start low and end high
     axes[0][0].set_ylabel("test top-1 accuracy (%)")
     axes[0][0].set_ylim(0, 100)
     fig.suptitle(title, fontsize=10)
