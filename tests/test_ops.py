@@ -505,3 +505,46 @@ def test_fused_step_refuses_bad_input_and_modifies_nothing(case):
         )
     for after, expected in zip(params + buffers + [norms], before):
         torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+_CAPABILITY_RUN = """
+import sys, torch, torchlars.ops
+inputs = torch.load(sys.argv[1])  # made here: torch.randn itself depends on the capability
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    params, grads, buffers = ([t.to(dtype) for t in tensors] for tensors in inputs)
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    for _ in range(3):
+        torch.ops.torchlars.lars_sgd_(
+            params, grads, buffers, norms, lr=torch.tensor(0.1), weight_decay=1e-3, momentum=0.9, dampening=0.1,
+            nesterov=False, maximize=False, is_first_step=False, eps=1e-8, trust_coef=0.02, clip=False,
+            grad_scale=torch.tensor(3.0))
+    out += params + buffers + [norms, torch.ops.torchlars.lars_param_norms(params)]
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_every_cpu_capability_gives_the_same_bits(tmp_path):
+    # liblars builds the kernel for the default, AVX2 and AVX-512 instruction sets and runs the
+    # one torch runs (ATEN_CPU_CAPABILITY picks it). Same lanes, no fused multiply-adds: the
+    # same numbers, so a norm carried on one machine is the norm recomputed on another.
+    import os
+    import subprocess
+    import sys
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, generator=generator) for shape in [(130, 129), (7,), (33,)]]
+    inputs = [params, [torch.randn(p.shape, generator=generator) * 0.1 for p in params],
+              [torch.randn(p.shape, generator=generator) for p in params]]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    results = {}
+    for capability in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        subprocess.run([sys.executable, "-c", _CAPABILITY_RUN, str(tmp_path / "inputs.pt"), str(path)], env=env, check=True)
+        results[capability] = torch.load(path)
+    for capability in ("avx2", "avx512"):
+        for actual, expected in zip(results[capability], results["default"]):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    norms, recomputed = results["default"][6], results["default"][7]
+    torch.testing.assert_close(norms, recomputed, rtol=0, atol=0)
