@@ -87,33 +87,41 @@ def test_sparse_gradient_raises_naming_the_parameter_and_modifies_nothing():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-2, 1e-2]
 
 
-def _differentiable(params):
-    return torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True}], lr=0.1,
-                           weight_decay=1e-2)
+def _lars_by_hand(param, grad, *, lr, weight_decay, trust_coef, maximize):
+    """One LARS step around SGD (no momentum), written out: differentiable by construction."""
+    grad = -grad if maximize else grad
+    ratio = trust_coef * param.norm() / (grad.norm() + weight_decay * param.norm() + 1e-8)
+    return param - lr * (grad + weight_decay * param) * ratio
 
 
-def test_differentiable_is_refused_by_name_at_construction_and_at_step():
-    model = make_model()
-    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
-        LARS(_differentiable(list(model.parameters())))
-    # It can also be switched on later; then the step refuses it before anything is modified.
-    optimizer = make_lars(model)
-    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "differentiable": True})
-    backward(model)
-    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
-        optimizer.step()
-    for param, (value, grad) in zip(model.parameters(), before):
-        assert torch.equal(param.detach(), value) and torch.equal(param.grad, grad)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_differentiable_base_steps_differentiably_like_lars_by_hand(maximize):
+    settings = dict(lr=0.1, weight_decay=1e-2, trust_coef=0.02)
+
+    def lars_step(param, grad):
+        param = param.clone()  # torch.optim's differentiable steps update non-leaf tensors
+        param.grad = grad
+        base = torch.optim.SGD([param], lr=settings["lr"], weight_decay=settings["weight_decay"], maximize=maximize,
+                               differentiable=True)
+        LARS(base, trust_coef=settings["trust_coef"]).step()
+        return param
+
+    generator = torch.Generator().manual_seed(4)
+    param = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(lars_step(param, grad), _lars_by_hand(param, grad, maximize=maximize, **settings))
+    # The derivatives of the new parameter by the old one and by the gradient: autograd's
+    # through LARS and SGD agree with finite differences.
+    assert torch.autograd.gradcheck(lars_step, (param, grad))
 
 
-def test_differentiable_excluded_group_is_left_to_the_base():
+def test_differentiable_with_the_cpp_backend_is_refused_by_name():
+    import_extension("torchlars.ops")
     model = make_model()
     params = list(model.parameters())
-    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True, "lars_exclude": True}],
-                           lr=0.1)
-    backward(model)
-    LARS(base).step()
+    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True}], lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
+        LARS(base, backend="cpp")
 
 
 def test_base_that_needs_a_closure_is_refused_by_name():

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from torchlars._param_norms import CarriedParamNorms
 
-__all__ = ["lars_scale_gradients_", "lars_sgd", "trust_ratio"]
+__all__ = ["lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "trust_ratio"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -117,6 +117,42 @@ def lars_scale_gradients_(
     else:
         raise ValueError(f"lars_scale_gradients_: `backend` must be 'foreach' or 'cpp', got {backend!r}")
     func(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip)
+
+
+def lars_scaled_gradients(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    weight_decay: float | Tensor,
+    lr: float | Tensor,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    maximize: bool,
+) -> list[Tensor]:
+    r"""The LARS-scaled gradients :math:`(\pm g + \lambda w) \cdot r`, as new tensors.
+
+    For base optimizers with ``differentiable=True``: out of place, so autograd differentiates
+    through the scaling (the norms and the ratio included) as through the base's own step, and
+    one tensor at a time, as torch's differentiable steps are. ``maximize`` negates ``g`` first.
+    """
+    scaled = []
+    for param, grad in zip(params, grads):
+        param = param.clone()  # what autograd saves must outlive the base's in-place update of param
+        if maximize:
+            grad = -grad
+        norm_dtype = torch.float32 if param.dtype in _HALF_TYPES else None
+        ratio = trust_ratio(
+            torch.linalg.vector_norm(param, dtype=norm_dtype),
+            torch.linalg.vector_norm(grad, dtype=norm_dtype),
+            weight_decay=weight_decay,
+            lr=lr,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+        )
+        scaled.append(((grad + weight_decay * param) * ratio).to(grad.dtype))
+    return scaled
 
 
 def _multi_tensor_lars_scale_gradients_(

@@ -18,7 +18,7 @@ from torchlars._distributed import (
     sharding_problem,
     split_dtensors,
 )
-from torchlars._functional import lars_scale_gradients_
+from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients
 from torchlars.lars_sgd import forget_carried_norms, step_lars_of_fused_sgd, wraps_fused_sgd
 
 __all__ = ["LARS", "exclude_bias_and_norm"]
@@ -199,12 +199,36 @@ class LARS(Optimizer):
     def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> None:
         # Per group, (plain params, grads) and (DTensor params, grads).
         gathered = [split_dtensors(*_params_with_dense_grads(group, self.param_groups)) for group in adapted_groups]
+        for group, (_, (dtensor_params, _)) in zip(adapted_groups, gathered):
+            if group.get("differentiable", False) and dtensor_params:
+                raise ValueError(
+                    f"LARS: param group {_group_index(group, self.param_groups)} has differentiable=True "
+                    "and DTensor parameters, whose differentiable step LARS does not have; build the "
+                    "base optimizer with differentiable=False"
+                )
         for group, ((_, grads), (_, dtensor_grads)) in zip(adapted_groups, gathered):
-            if group.get("maximize", False) and (grads or dtensor_grads):
+            if group.get("maximize", False) and not group.get("differentiable", False) and (grads or dtensor_grads):
                 # LARS on maximize=True is LARS on the negated loss, as in torch.optim: g -> -g
                 # before the decay is added (the base then steps with maximize=False).
                 torch._foreach_neg_([*grads, *(grad.to_local() for grad in dtensor_grads)])
         for group, ((params, grads), _) in zip(adapted_groups, gathered):
+            if group.get("differentiable", False):
+                # New gradients that autograd differentiates through, as the base's own
+                # differentiable step does; the caller's gradients are left as they are.
+                with torch.enable_grad():
+                    scaled = lars_scaled_gradients(
+                        params,
+                        grads,
+                        weight_decay=group.get("weight_decay", 0.0),
+                        lr=group["lr"],
+                        eps=self.eps,
+                        trust_coef=self.trust_coef,
+                        clip=self.clip,
+                        maximize=group.get("maximize", False),
+                    )
+                for param, grad in zip(params, scaled):
+                    param.grad = grad
+                continue
             lars_scale_gradients_(
                 params,
                 grads,
@@ -291,11 +315,10 @@ _TAKEN_OVER = {"weight_decay": 0.0, "maximize": False}
 
 def _check_group_options(group: dict[str, Any], param_groups: list[dict[str, Any]], backend: str) -> None:
     """Refuse, by name, an option of an adapted group that LARS cannot honour."""
-    if group.get("differentiable", False):
+    if backend == "cpp" and group.get("differentiable", False):
         raise ValueError(
-            f"LARS: param group {_group_index(group, param_groups)} has differentiable=True, which LARS "
-            "does not support (its scaling of the gradients is not differentiable); build the base "
-            "optimizer with differentiable=False, or give the group \"lars_exclude\": True"
+            f"LARS(backend='cpp'): param group {_group_index(group, param_groups)} has differentiable=True, "
+            "which liblars's in-place operator cannot differentiate; use backend='foreach'"
         )
     if backend == "cpp" and isinstance(group.get("weight_decay"), torch.Tensor):
         raise ValueError(
