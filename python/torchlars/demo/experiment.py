@@ -30,7 +30,8 @@ class DemoConfig:
     # SGD: `baseline_lr` at the baseline batch, scaled linearly with the batch size (Goyal et al.).
     baseline_lr: float = 0.2
     # LARS(SGD): the base LR multiplies trust_coef * ||w|| / ||g|| (biases and norms get it as
-    # is). Swept over {2, 5, 10} x trust_coef {1e-3, 1e-2} at each batch size: 5 and 1e-2 won.
+    # is). Swept over {2, 5, 10} x trust_coef {1e-3, 1e-2} at each batch size: 5 and 1e-2 won
+    # (the log is in docs/demo.md).
     lars_lr: float = 5.0
     trust_coef: float = 0.01
     warmup_epochs: float = 2.0  # both optimizers at large batch; then poly(2) decay to 0
