@@ -363,11 +363,24 @@ def lars_sgd(
         trust_coef=trust_coef,
         clip=clip,
     )
-    eager = not torch.compiler.is_compiling()
-    if eager and (fused or (fused is None and foreach is None and _extension_installed())):
+    wants_fused = fused or (fused is None and foreach is None and _extension_installed())
+    if wants_fused and not torch.compiler.is_compiling():
         if carried_norms is None:
             carried_norms = CarriedParamNorms()
         _fused_lars_sgd(params, grads, momentum_buffer_list, carried_norms=carried_norms, strict=bool(fused), **settings)
+    elif (
+        wants_fused
+        and (momentum == 0 or all(buffer is not None for buffer in momentum_buffer_list))
+        and fused_lars_sgd_supports(params)
+    ):
+        # Compiled, once the momentum buffers exist: the fused kernel as one opaque operator.
+        torch.ops.torchlars_python.fused_lars_sgd_step_(
+            params,
+            grads,
+            momentum_buffer_list if momentum != 0 else [],
+            lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64),
+            **{name: value for name, value in settings.items() if name != "lr"},
+        )
     elif fused or foreach or foreach is None:
         _multi_tensor_lars_sgd(params, grads, momentum_buffer_list, **settings)
     else:
@@ -486,6 +499,59 @@ def _fused_lars_sgd(
                 **{**settings, "lr": op_lr},
             )
             carried_norms.carry(key, step_params, param_norms)
+
+
+@torch.library.custom_op("torchlars_python::fused_lars_sgd_step_", mutates_args=("params", "momentum_buffers"))
+def _fused_lars_sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """``_fused_lars_sgd`` as one operator for torch.compile, once every momentum buffer exists.
+
+    Inductor calls it on the parameters themselves (graph inputs mutated in place: no
+    functional copy), and it runs the eager fused kernel. It carries no norm from one step to
+    the next: the compiled graph bumps the version counters of the inputs it mutates again after
+    the operator (twice, in torch 2.13), which would hide a user's edit among the graph's own. So the compiled
+    step makes 7 passes, the norm of w included; Inductor's fusion of ``_multi_tensor_lars_sgd``
+    also makes 7, but in slower loops (bench/).
+    """
+    buffers: list[Tensor | None] = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    _fused_lars_sgd(
+        params,
+        grads,
+        buffers,
+        carried_norms=CarriedParamNorms(),
+        strict=True,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        eps=eps,
+        trust_coef=trust_coef,
+        clip=clip,
+    )
+
+
+@_fused_lars_sgd_step_.register_fake
+def _(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize, eps, trust_coef,
+      clip, grad_scale, found_inf) -> None:
+    return None
 
 
 def _multi_tensor_lars_sgd(

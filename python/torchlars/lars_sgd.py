@@ -245,7 +245,7 @@ def carried_norms_of(optimizer: Optimizer, group_index: int) -> CarriedParamNorm
     Kept on the optimizer, outside its state: never saved, and recomputed when missing.
     """
     if torch.compiler.is_compiling():
-        return None  # the compiled step computes the norms in its own fused loops
+        return None  # the compiled step recomputes them (see _functional._fused_lars_sgd_step_)
     carried = optimizer.__dict__.setdefault(_CARRIED_NORMS, [])
     while len(carried) <= group_index:
         carried.append(CarriedParamNorms())
