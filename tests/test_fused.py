@@ -456,3 +456,24 @@ def test_fused_sparse_gradients_are_refused_with_nothing_modified(wrapper):
 def test_fused_with_differentiable_is_refused_by_name():
     with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         LARS(torch.optim.SGD(make_params(), lr=0.1, fused=True, differentiable=True))
+
+
+def test_compiled_step_runs_the_fused_kernel_once_the_buffers_exist(monkeypatch):
+    import torchlars._functional
+
+    torch._dynamo.reset()
+    calls = []
+    fused_step = torchlars._functional._fused_lars_sgd
+    monkeypatch.setattr(torchlars._functional, "_fused_lars_sgd", lambda *a, **k: calls.append(1) or fused_step(*a, **k))
+    params, eager_params = make_params(), make_params()
+    optimizer = LARSSGD(params, lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2, trust_coef=0.02)
+    eager = LARSSGD(eager_params, lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2, trust_coef=0.02, fused=True)
+    compiled_step = torch.compile(optimizer.step, backend="aot_eager")  # the routing is what is tested
+    for step in range(4):
+        set_grads([params, eager_params], step)
+        compiled_step()
+        eager.step()
+    # The first step initialises the buffers in Inductor's loops; the next three call the kernel.
+    assert len(calls) == 3 + 4
+    assert_close_to_scale(params, eager_params, 1e-6)
+    torch._dynamo.reset()
