@@ -201,10 +201,12 @@ at::opmath_type<scalar_t> chunk_square_sum(
     const scalar_t* data, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
   using Vec = typename Lanes<scalar_t>::Vec;
   SquareSum<scalar_t> sum;
+  const bool unscale = scale != nullptr;
+  const Vec divisor(unscale ? *scale : at::opmath_type<scalar_t>(1));
   for_each_block(begin, end, [&](int64_t i, auto count) {
     Lanes<scalar_t> x = Lanes<scalar_t>::load(data + i, count);
-    if (scale != nullptr) {
-      x = map(x, [&](const Vec& v) { return v / Vec(*scale); });
+    if (unscale) {
+      x = map(x, [&](const Vec& v) { return v / divisor; });
     }
     sum.add(x, count);
   });
@@ -242,28 +244,35 @@ at::opmath_type<scalar_t> update_chunk(
   const Vec momentum(static_cast<opmath_t>(options.momentum));
   const Vec one_minus_dampening(static_cast<opmath_t>(1 - options.dampening));
   const Vec trust_ratio(ratio);
+  // Copies, which the stores below cannot alias: the loop keeps them in registers.
+  const bool unscale = grad_scale != nullptr;
+  const Vec scale(unscale ? *grad_scale : opmath_t(1));
+  const bool maximize = options.maximize;
+  const bool decay = options.weight_decay != 0;
+  const bool is_first_step = options.is_first_step;
+  const bool nesterov = options.nesterov;
   SquareSum<scalar_t> new_param_square_sum;
   for_each_block(begin, end, [&](int64_t i, auto count) {
     Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
     Lanes<scalar_t> d = Lanes<scalar_t>::load(grad + i, count);
-    if (grad_scale != nullptr) {
-      d = map(d, [&](const Vec& g) { return g / Vec(*grad_scale); });
+    if (unscale) {
+      d = map(d, [&](const Vec& g) { return g / scale; });
     }
-    if (options.maximize) {
+    if (maximize) {
       d = map(d, [](const Vec& g) { return g.neg(); });
     }
-    if (options.weight_decay != 0) {
+    if (decay) {
       d = map(d, w, [&](const Vec& g, const Vec& p) { return g + weight_decay * p; });
     }
     d = map(d, [&](const Vec& g) { return g * trust_ratio; });
     if (buf != nullptr) {
-      Lanes<scalar_t> b = options.is_first_step
+      Lanes<scalar_t> b = is_first_step
           ? d
           : map(Lanes<scalar_t>::load(buf + i, count), d, [&](const Vec& m, const Vec& g) {
               return m * momentum + g * one_minus_dampening;
             });
       b.store(buf + i, count);
-      d = options.nesterov ? map(d, b, [&](const Vec& g, const Vec& m) { return g + m * momentum; }) : b;
+      d = nesterov ? map(d, b, [&](const Vec& g, const Vec& m) { return g + m * momentum; }) : b;
     }
     w = map(w, d, [&](const Vec& p, const Vec& g) { return p - g * lr; });
     w.store(param + i, count);
