@@ -86,6 +86,10 @@ struct LARSOptions {
 /// LARS (`param_groups()`, `add_param_group`, LR schedulers); before every step and save,
 /// the LARS's param group options are copied into the base. The base's per-parameter state
 /// stays in `base()->state()`.
+///
+/// Like libtorch's optimizers, a LARS must not be used from two threads at once (its step
+/// writes the gradients, the base's state and param groups); torchlars.cpp.LARS, its Python
+/// face, steps behind a lock of its own.
 class LARS : public torch::optim::Optimizer {
  public:
   explicit LARS(std::shared_ptr<torch::optim::Optimizer> base, LARSOptions options = {});
