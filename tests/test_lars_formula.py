@@ -21,6 +21,8 @@ OPTIMIZERS = {
     "adamax": (torch.optim.Adamax, {"lr": 1e-2}),
     "adadelta": (torch.optim.Adadelta, {"lr": 1.0}),
     "asgd": (torch.optim.ASGD, {"lr": 1e-2}),
+    "adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+    "rprop": (torch.optim.Rprop, {"lr": 1e-2}),
 }
 
 
