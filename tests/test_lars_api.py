@@ -350,6 +350,26 @@ def test_pre_hook_return_values_are_honoured(mode, fresh_dynamo):
         torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_unknown_step_wrapping_falls_back_to_the_public_step_with_a_warning(monkeypatch):
+    class RewrappedSGD(torch.optim.SGD):
+        pass
+
+    model = make_model()
+    reference_model = copy.deepcopy(model)
+    optimizer = LARS(RewrappedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+    reference = make_lars(reference_model)
+    # As if a torch release wrapped step without the layer LARS knows (its "hooked" mark).
+    monkeypatch.setattr(RewrappedSGD, "step", RewrappedSGD.step.__wrapped__)
+    backward(model)
+    backward(reference_model)
+    with pytest.warns(UserWarning, match="does not wrap step as torchlars knows it"):
+        optimizer.step()
+    reference.step()
+    for param, expected in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(param, expected)
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
 def test_bad_pre_hook_return_value_is_refused_like_torch_refuses_it():
     model = make_model()
     optimizer = make_lars(model)
