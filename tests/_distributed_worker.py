@@ -227,7 +227,7 @@ def dtensors_mixed() -> dict[str, int]:
         ((1, 3), torch.float32, mesh, [Shard(0)]),
     ]
     groups = [
-        {"params": [0, 2, 3, 4, 7]},
+        {"params": [0, 2, 3, 4, 7], "maximize": True},  # g -> -g on the local shards too
         {"params": [1, 5], "weight_decay": 0.0, "lr": 0.3},
         {"params": [6], "weight_decay": 1e-3, "lars_exclude": True},
     ]
