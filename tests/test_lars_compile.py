@@ -148,3 +148,21 @@ def test_row_blocked_sum_of_squares_is_the_exact_sum_to_float_rounding(index):
     total = _row_blocked_sum_of_squares(tensor, dtype)
     assert total.dtype == torch.float32
     torch.testing.assert_close(total.double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("base_cls", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_maximize_and_tensor_weight_decay_compile_into_one_graph(base_cls):
+    model = make_model()
+    eager_model = copy.deepcopy(model)
+    options = dict(lr=torch.tensor(0.01), weight_decay=torch.tensor(1e-2), maximize=True)
+    optimizer = LARS(base_cls(model.parameters(), **options), trust_coef=0.02)
+    eager = LARS(base_cls(eager_model.parameters(), **options), trust_coef=0.02)
+    compiled_step = torch.compile(optimizer.step, fullgraph=True)
+    for step in range(3):
+        set_grads(model, step)
+        set_grads(eager_model, step)
+        compiled_step()
+        eager.step()
+    for param, expected in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6)
+    assert optimizer.param_groups[0]["maximize"] is True
