@@ -368,11 +368,18 @@ void LARS::fused_sgd_step(
     const auto carried = norms.accessor<float, 1>();
     for (const auto j : c10::irange(call.params.size())) {
       const at::Tensor& param = call.params[j];
-      carried_norms_.insert_or_assign(
-          param.unsafeGetTensorImpl(),
-          CarriedNorm{
-              c10::weak_intrusive_ptr<c10::TensorImpl>(param.getIntrusivePtr()), param.const_data_ptr(),
-              param._version(), carried[j]});
+      const auto known = carried_norms_.find(param.unsafeGetTensorImpl());
+      if (known == carried_norms_.end()) {
+        carried_norms_.emplace(
+            param.unsafeGetTensorImpl(),
+            CarriedNorm{
+                c10::weak_intrusive_ptr<c10::TensorImpl>(param.getIntrusivePtr()), param.const_data_ptr(),
+                param._version(), carried[j]});
+      } else { // the same tensor: its weak reference keeps the address from being reused
+        known->second.data = param.const_data_ptr();
+        known->second.version = param._version();
+        known->second.norm = carried[j];
+      }
     }
   }
 }
