@@ -10,6 +10,7 @@
 
 #include <lars/lars.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/nn.h>
 #include <torch/optim/sgd.h>
@@ -22,6 +23,7 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -56,6 +58,10 @@ Settings parse_args(int argc, char** argv) {
   Settings settings;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    }
     if (arg.rfind("--", 0) != 0) {
       settings.data_path = arg;
       continue;
