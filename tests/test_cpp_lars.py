@@ -13,7 +13,9 @@ bit-for-bit the same; what differs is in the base optimizers themselves:
 - bf16: Adagrad agrees to the last bit. libtorch multiplies by its momentum, betas and
   alpha through ``Tensor::mul_(Scalar)``, which first rounds the scalar to bf16 (0.9 becomes
   0.8984375) where Python multiplies in fp32; the parameters then differ by a bf16 rounding
-  step or two (rtol 1e-2, atol 2e-3).
+  step or two (rtol 1e-2, atol 2e-3). Centered RMSprop divides by ``sqrt(v - mean^2)``, a
+  difference of two rounded bf16 averages, which magnifies those steps: up to 7 ulps seen
+  with torch 2.11 (atol 5e-3).
 """
 
 import copy
@@ -93,6 +95,8 @@ def test_cpp_matches_python(name, clip, excluded, dtype):
     train(cpp_model, lars_cpp, data)
 
     tolerance = dict(rtol=0, atol=0) if name in EXACT[dtype] else TOLERANCE[dtype]
+    if name == "rmsprop_centered" and dtype == torch.bfloat16:
+        tolerance = dict(tolerance, atol=5e-3)
     initial = make_model(dtype)
     for python_param, cpp_param, initial_param in zip(python_model.parameters(), cpp_model.parameters(), initial.parameters()):
         assert not torch.equal(cpp_param, initial_param)  # it trained

@@ -210,7 +210,15 @@ def test_closure_loss_is_returned():
     assert not torch.equal(params[0], before[0])
 
 
-@pytest.mark.parametrize("build", ["LARSSGD", "LARS_fused_SGD"])
+# torch 2.11's dynamo cannot trace LARS(SGD(fused=True)) handing the base only its excluded
+# groups (a setattr of param_groups on the base) into one graph.
+OLD_DYNAMO = torch.__version__ < "2.13"
+
+
+@pytest.mark.parametrize("build", [
+    "LARSSGD",
+    pytest.param("LARS_fused_SGD", marks=pytest.mark.skipif(OLD_DYNAMO, reason="one graph from torch 2.13 on")),
+])
 def test_compiled_step_is_one_graph_with_eager_numbers_and_leaves_grads(build):
     from torch._dynamo.utils import counters
 

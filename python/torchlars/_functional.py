@@ -13,7 +13,6 @@ picks between its own:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-import functools
 import importlib
 import importlib.util
 from typing import Any
@@ -408,9 +407,12 @@ def _fused_bucket(device: torch.device, dtype: torch.dtype, params: list[Tensor]
     return device.type == "cpu" and dtype in FUSED_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
 
 
-@functools.cache
+# Looked up once, at import: a constant to torch.compile, which cannot trace importlib.
+_EXTENSION_INSTALLED = importlib.util.find_spec("torchlars._C") is not None
+
+
 def _extension_installed() -> bool:
-    return importlib.util.find_spec("torchlars._C") is not None
+    return _EXTENSION_INSTALLED
 
 
 def _fused_lars_sgd(
