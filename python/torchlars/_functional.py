@@ -454,8 +454,8 @@ def _fused_lars_sgd(
     if any(_fused_bucket(device, dtype, bucket) for (device, dtype), ((bucket, _, _), _) in grouped.items()):
         # The kernel skips an overflowing step by itself. Returning here as well keeps the
         # momentum buffers of a skipped first step unset, so the next step is a first step, as
-        # with GradScaler and a plain SGD. No device sync: found_inf is on the CPU with them.
-        if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf.item()):
+        # with GradScaler and a plain SGD.
+        if skipped_by_grad_scaler(found_inf):
             return
     op_lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     for (device, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
@@ -501,6 +501,22 @@ def _fused_lars_sgd(
                 **{**settings, "lr": op_lr},
             )
             carried_norms.carry(key, step_params, param_norms)
+
+
+def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
+    """Whether GradScaler found an inf in a CPU step: then the whole step is skipped, hooks too.
+
+    As GradScaler skips the step of an optimizer that does not take ``found_inf``. Reading the
+    flag is no device sync on the CPU; elsewhere (and under torch.compile) the kernels skip.
+    Returning early also keeps torch's fused SGD from leaving uninitialised momentum buffers
+    after a skipped first step (it allocates them before its kernel skips).
+    """
+    return (
+        found_inf is not None
+        and found_inf.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(found_inf.item())
+    )
 
 
 @torch.library.custom_op("torchlars_python::fused_lars_sgd_step_", mutates_args=("params", "momentum_buffers"))

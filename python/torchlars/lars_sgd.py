@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
-from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd
+from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd, skipped_by_grad_scaler
 from torchlars._param_norms import CarriedParamNorms
 
 __all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd", "forget_carried_norms"]
@@ -205,22 +205,6 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
         base.param_groups = param_groups
         for name in amp:
             del base.__dict__[name]
-
-
-def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
-    """Whether GradScaler found an inf in a CPU step: then the whole step is skipped, hooks too.
-
-    As GradScaler skips the step of an optimizer that does not take ``found_inf``. Reading the
-    flag is no device sync on the CPU; elsewhere (and under torch.compile) the kernels skip.
-    Returning early also keeps torch's fused SGD from leaving uninitialised momentum buffers
-    after a skipped first step (it allocates them before its kernel skips).
-    """
-    return (
-        found_inf is not None
-        and found_inf.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(found_inf.item())
-    )
 
 
 def wraps_fused_sgd(base: Optimizer) -> bool:
