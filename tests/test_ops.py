@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import torchlars
 from torchlars import LARS
 from torchlars._functional import lars_scale_gradients_
 from torchlars_extension import import_extension
@@ -168,29 +169,51 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("face", ["backend_cpp", "torchlars_cpp"])
-def test_gpu_step_on_a_side_stream_without_sync(face):
-    cpp = import_extension("torchlars.cpp")
+@pytest.mark.parametrize("face", ["foreach", "backend_cpp", "torchlars_cpp", "lars_sgd"])
+def test_gpu_step_runs_on_the_current_stream_without_sync(face):
+    # The step runs on a side stream that is held back (torch.cuda._sleep) before it writes the
+    # step's gradients. A kernel of the step put on any other stream would run at once, on the
+    # last step's gradients, and give other numbers than the reference run on one stream; a
+    # host sync would fail under sync debug mode "error".
+    cpp = import_extension("torchlars.cpp") if face == "torchlars_cpp" else None
 
-    def run(side_stream):
+    def build():
         model = make_model(device="cuda")
-        optimizer = (lars_over(model, torch.optim.SGD, "cpp", lr=0.1, momentum=0.9) if face == "backend_cpp"
-                     else cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True))
-        for index in range(3):
-            set_grads(model, index)
-            stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    optimizer.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.current_stream().wait_stream(stream)
-        return [param.detach().cpu() for param in model.parameters()]
+        if face == "torchlars_cpp":
+            return model, cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
+        if face == "lars_sgd":
+            return model, torchlars.LARSSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
+        return model, lars_over(model, torch.optim.SGD, face, lr=0.1, momentum=0.9)
 
-    for side, default in zip(run(True), run(False)):
-        torch.testing.assert_close(side, default, rtol=0, atol=0)
+    def gradients(model, step):
+        generator = torch.Generator().manual_seed(step)
+        return [torch.randn(p.shape, generator=generator).to(p.device) for p in model.parameters()]
+
+    reference_model, reference = build()
+    model, optimizer = build()
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    for step in range(3):
+        for param, grad in zip(reference_model.parameters(), gradients(reference_model, step)):
+            param.grad = grad
+        reference.step()
+        grads = gradients(model, step)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(100_000_000)  # tens of milliseconds on any GPU
+            for param, grad in zip(model.parameters(), grads):
+                param.grad.copy_(grad)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for param, expected in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=0, atol=0)
 
 
 @cuda
@@ -338,6 +361,47 @@ def test_carried_norms_are_the_recomputed_norms_bit_for_bit(dtype):
     torch.testing.assert_close(norms, torch.ops.torchlars.lars_param_norms(params), rtol=0, atol=0)
     exact = torch.stack([param.double().norm() for param in params]).float()
     torch.testing.assert_close(norms, exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_a_step_that_recomputes_the_norms_is_the_carrying_step_bit_for_bit(dtype, amp):
+    # recompute_param_norms: the norms passed in are garbage (NaN) and the kernel finds |w| in
+    # the pass that reads the gradients; every step must give the carrying step's bits.
+    params = fused_params(dtype, shapes=[(5 * 2**14 + 3,), (130, 129), (7,), (4,)])
+    carrying = [param.clone() for param in params]
+    recomputing = [param.clone() for param in params]
+    carrying_buffers = [torch.empty_like(param) for param in params]
+    recomputing_buffers = [torch.empty_like(param) for param in params]
+    carried = torch.ops.torchlars.lars_param_norms(carrying)
+    amp_options = dict(grad_scale=torch.tensor(64.0), found_inf=torch.tensor(0.0)) if amp else {}
+    options = dict(lr=torch.tensor(0.1), maximize=False, clip=False, **FUSED_LARS, **SGD_OPTIONS["momentum"])
+    for step in range(4):
+        grads = [grad * 64 if amp else grad for grad in fused_grads(params, step)]
+        torch.ops.torchlars.lars_sgd_(
+            carrying, grads, carrying_buffers, carried, is_first_step=step == 0, **amp_options, **options
+        )
+        recomputed = torch.full((len(params),), float("nan"))
+        torch.ops.torchlars.lars_sgd_(
+            recomputing, grads, recomputing_buffers, recomputed, is_first_step=step == 0,
+            recompute_param_norms=True, **amp_options, **options,
+        )
+        for actual, expected in zip(recomputing + recomputing_buffers, carrying + carrying_buffers):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        torch.testing.assert_close(recomputed, carried, rtol=0, atol=0)
+    assert not torch.equal(carrying[0], params[0])
+
+    # An overflow skips the step, but the norms asked for are still written: those of w.
+    before = [t.clone() for t in recomputing + recomputing_buffers]
+    recomputed = torch.full((len(params),), float("nan"))
+    torch.ops.torchlars.lars_sgd_(
+        recomputing, [torch.full_like(p, float("inf")) for p in params], recomputing_buffers, recomputed,
+        is_first_step=False, recompute_param_norms=True, grad_scale=torch.tensor(64.0),
+        found_inf=torch.tensor(1.0), **options,
+    )
+    for actual, expected in zip(recomputing + recomputing_buffers, before):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    torch.testing.assert_close(recomputed, torch.ops.torchlars.lars_param_norms(recomputing), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -40,6 +40,7 @@ Capability capability() {
 #endif
 }
 
+// `tensor` if it is dense, else a contiguous copy: the norm then runs over the elements in
 // memory order, or in index order for a tensor with gaps, in both operators alike.
 at::Tensor dense(const at::Tensor& tensor) {
   return tensor.is_non_overlapping_and_dense() ? tensor : tensor.contiguous();
@@ -128,7 +129,8 @@ void lars_sgd_(
     double trust_coef,
     bool clip,
     const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& found_inf,
+    bool recompute_param_norms) {
   // Every check before anything is written: a refused step modifies nothing.
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, "lars_sgd_: got ", n, " params but ", grads.size(), " grads");
@@ -156,10 +158,16 @@ void lars_sgd_(
   }
   const SgdOptions options{
       cpu_scalar(lr, "lr"), weight_decay, momentum, dampening, nesterov, maximize, is_first_step,
-      eps, trust_coef, clip};
+      eps, trust_coef, clip, recompute_param_norms};
   const std::optional<double> scale =
       grad_scale ? std::optional<double>(cpu_scalar(*grad_scale, "grad_scale")) : std::nullopt;
-  if (n == 0 || (found_inf && cpu_scalar(*found_inf, "found_inf") != 0)) {
+  if (n == 0) {
+    return;
+  }
+  if (found_inf && cpu_scalar(*found_inf, "found_inf") != 0) {
+    if (recompute_param_norms) { // the step is skipped, but the norms are asked for
+      param_norms.copy_(lars_param_norms(params));
+    }
     return;
   }
 

@@ -31,6 +31,7 @@ struct SgdOptions {
   double eps;
   double trust_coef;
   bool clip;
+  bool recompute_param_norms;
 };
 
 // The step of `slots` (one dtype); writes the new norms into `param_norms` (fp32, CPU).

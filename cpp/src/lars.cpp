@@ -360,11 +360,17 @@ void LARS::fused_sgd_step(
   }
   const at::Tensor lr = at::scalar_tensor(options.lr(), at::kDouble);
   for (const auto& call : calls) {
-    const at::Tensor norms = param_norms(call.params);
+    // The carried norms if every one is still true, else all of them recomputed by the step
+    // itself, from the parameters it reads anyway.
+    at::Tensor norms = carried_param_norms(call.params);
+    const bool recompute = !norms.defined();
+    if (recompute) {
+      norms = at::empty({static_cast<int64_t>(call.params.size())}, at::kFloat);
+    }
     lars_sgd_(
         call.params, call.grads, call.momentum_buffers, norms, lr, options.weight_decay(), options.momentum(),
         options.dampening(), options.nesterov(), /*maximize=*/false, call.is_first_step, options_.eps(),
-        options_.trust_coef(), options_.clip());
+        options_.trust_coef(), options_.clip(), std::nullopt, std::nullopt, recompute);
     const auto carried = norms.accessor<float, 1>();
     for (const auto j : c10::irange(call.params.size())) {
       const at::Tensor& param = call.params[j];
@@ -384,27 +390,16 @@ void LARS::fused_sgd_step(
   }
 }
 
-at::Tensor LARS::param_norms(const std::vector<at::Tensor>& params) const {
+at::Tensor LARS::carried_param_norms(const std::vector<at::Tensor>& params) const {
   at::Tensor norms = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
   auto out = norms.accessor<float, 1>();
-  std::vector<size_t> stale;
-  std::vector<at::Tensor> stale_params;
   for (const auto j : c10::irange(params.size())) {
     const auto carried = carried_norms_.find(params[j].unsafeGetTensorImpl());
-    if (carried != carried_norms_.end() && carried->second.data == params[j].const_data_ptr() &&
-        carried->second.version == params[j]._version()) {
-      out[j] = carried->second.norm;
-    } else {
-      stale.push_back(j);
-      stale_params.push_back(params[j]);
+    if (carried == carried_norms_.end() || carried->second.data != params[j].const_data_ptr() ||
+        carried->second.version != params[j]._version()) {
+      return {};
     }
-  }
-  if (!stale.empty()) {
-    const at::Tensor recomputed = lars_param_norms(stale_params);
-    const auto fresh = recomputed.accessor<float, 1>();
-    for (const auto k : c10::irange(stale.size())) {
-      out[stale[k]] = fresh[k];
-    }
+    out[j] = carried->second.norm;
   }
   return norms;
 }

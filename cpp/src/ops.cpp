@@ -17,7 +17,7 @@ TORCH_LIBRARY(torchlars, m) {
       "lars_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!) param_norms, *, Tensor lr, float weight_decay, float momentum, float dampening, "
       "bool nesterov, bool maximize, bool is_first_step, float eps, float trust_coef, bool clip, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool recompute_param_norms=False) -> ()");
 }
 
 // lars_scale_gradients_ is composed of ATen ops, so one kernel serves every device. The

@@ -392,7 +392,7 @@ def lars_sgd(
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # What the fused operator steps: plain tensors. A DTensor's norm is not its local shard's
 # (see _distributed), and other subclasses may dispatch elsewhere.
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_PLAIN_TENSORS = {Tensor, torch.nn.Parameter}
 
 
 def fused_lars_sgd_supports(params: list[Tensor]) -> bool:
@@ -404,7 +404,7 @@ def fused_lars_sgd_supports(params: list[Tensor]) -> bool:
 
 
 def _fused_bucket(device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> bool:
-    return device.type == "cpu" and dtype in FUSED_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
+    return device.type == "cpu" and dtype in FUSED_DTYPES and set(map(type, params)) <= _PLAIN_TENSORS
 
 
 # Looked up once, at import: a constant to torch.compile, which cannot trace importlib.
@@ -451,15 +451,15 @@ def _fused_lars_sgd(
         clip=clip,
     )
     grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
-    if any(_fused_bucket(device, dtype, bucket) for (device, dtype), ((bucket, _, _), _) in grouped.items()):
-        # The kernel skips an overflowing step by itself. Returning here as well keeps the
-        # momentum buffers of a skipped first step unset, so the next step is a first step, as
-        # with GradScaler and a plain SGD.
-        if skipped_by_grad_scaler(found_inf):
-            return
+    fused = {key: _fused_bucket(*key, bucket) for key, ((bucket, _, _), _) in grouped.items()}
+    # The kernel skips an overflowing step by itself. Returning here as well keeps the momentum
+    # buffers of a skipped first step unset, so the next step is a first step, as with
+    # GradScaler and a plain SGD.
+    if any(fused.values()) and skipped_by_grad_scaler(found_inf):
+        return
     op_lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     for (device, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
-        if not _fused_bucket(device, dtype, device_params):
+        if not fused[device, dtype]:
             if strict:
                 raise RuntimeError(
                     f"lars_sgd: fused=True steps plain CPU tensors of {FUSED_DTYPES}, got "
@@ -490,6 +490,9 @@ def _fused_lars_sgd(
         for is_first_step, step_params, step_grads, step_buffers in calls:
             key = (device, dtype, is_first_step)
             param_norms = carried_norms.lookup(key, step_params)
+            recompute = param_norms is None
+            if recompute:  # the step computes them from the parameters it reads anyway
+                param_norms = torch.empty(len(step_params), dtype=torch.float32)
             torch.ops.torchlars.lars_sgd_(
                 step_params,
                 step_grads,
@@ -498,6 +501,7 @@ def _fused_lars_sgd(
                 is_first_step=is_first_step,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                recompute_param_norms=recompute,
                 **{**settings, "lr": op_lr},
             )
             carried_norms.carry(key, step_params, param_norms)
@@ -541,9 +545,10 @@ def _fused_lars_sgd_step_(
     Inductor calls it on the parameters themselves (graph inputs mutated in place: no
     functional copy), and it runs the eager fused kernel. It carries no norm from one step to
     the next: the compiled graph bumps the version counters of the inputs it mutates again after
-    the operator (twice, in torch 2.13), which would hide a user's edit among the graph's own. So the compiled
-    step makes 7 passes, the norm of w included; Inductor's fusion of ``_multi_tensor_lars_sgd``
-    also makes 7, but in slower loops (bench/).
+    the operator (twice, in torch 2.13), which would hide a user's edit among the graph's own.
+    The kernel recomputes ``||w||`` instead, in the pass that reads the gradients, block by block,
+    so that the update finds the parameters it read in cache: the memory traffic of the eager
+    step, with one more sum of squares (bench/).
     """
     buffers: list[Tensor | None] = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     _fused_lars_sgd(

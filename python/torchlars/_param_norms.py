@@ -7,10 +7,11 @@ is kept with the parameter objects and their autograd version counters and data 
 the step left them. Any in-place edit (``p.mul_()``, ``p.copy_()`` under ``no_grad``, a
 ``Module.load_state_dict``, an EMA swap, ``set_`` by a reparametrisation) bumps the version
 counter; ``p.data = t`` and ``torch.utils.swap_tensors`` change the data pointer or the
-counter; a parameter replaced in its group is another object. Then the norms are recomputed
-with ``torch.ops.torchlars.lars_param_norms``, whose summation order is the kernel's, so a
-recomputed norm is bit for bit the carried one: a checkpoint resumed in a new process
-continues exactly like the uninterrupted run.
+counter; a parameter replaced in its group is another object. Then the step recomputes the
+norms itself (``recompute_param_norms=True``), from the parameters it reads anyway, in the
+summation order of ``torch.ops.torchlars.lars_param_norms``: a recomputed norm is bit for bit
+the carried one, so a checkpoint resumed in a new process continues exactly like the
+uninterrupted run.
 
 One blind spot is autograd's own: an in-place edit through ``p.data`` (``p.data.mul_(2)``)
 bumps no version counter. Edit parameters under ``torch.no_grad()`` instead, or call the
@@ -21,46 +22,38 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-import torch
 from torch import Tensor
 
 __all__ = ["CarriedParamNorms"]
 
 
-def norms_now(params: list[Tensor]) -> Tensor:
-    """The fp32 norms of ``params``, summed in the order in which the fused step sums them."""
-    return torch.ops.torchlars.lars_param_norms(params)
+def _stamps(params: list[Tensor]) -> bytes:
+    """What identifies the parameters as they are now: each one's address, version and data pointer."""
+    from torchlars import _C  # the fused step that carries norms needs the extension anyway
 
-
-def _stamps(params: list[Tensor]) -> list[tuple[int, int]]:
-    return [(param._version, param.data_ptr()) for param in params]
+    return _C._param_stamps(params)
 
 
 class CarriedParamNorms:
     """``||w||`` per parameter as the last fused step wrote ``w``, per bucket of one param group.
 
     A bucket is what one operator call steps (tensors of one device and dtype); ``key`` names it.
+    The parameters are kept alive with their stamps, so no other tensor can take their address.
     """
 
     def __init__(self) -> None:
-        self._buckets: dict[Hashable, tuple[list[Tensor], list[tuple[int, int]], Tensor]] = {}
+        self._buckets: dict[Hashable, tuple[bytes, list[Tensor], Tensor]] = {}
 
-    def lookup(self, key: Hashable, params: list[Tensor]) -> Tensor:
-        """The fp32 norms of ``params`` now: the carried ones if still true, else recomputed."""
+    def lookup(self, key: Hashable, params: list[Tensor]) -> Tensor | None:
+        """The fp32 norms of ``params`` as the last step left them, or None if any may be stale."""
         carried = self._buckets.get(key)
-        if carried is not None:
-            carried_params, stamps, norms = carried
-            if (
-                len(carried_params) == len(params)
-                and all(a is b for a, b in zip(carried_params, params))
-                and stamps == _stamps(params)
-            ):
-                return norms
-        return norms_now(params)
+        if carried is not None and carried[0] == _stamps(params):
+            return carried[2]
+        return None
 
     def carry(self, key: Hashable, params: list[Tensor], norms: Tensor) -> None:
         """Remember ``norms`` (just written by the step) as the norms of ``params`` as they are now."""
-        self._buckets[key] = (list(params), _stamps(params), norms)
+        self._buckets[key] = (_stamps(params), list(params), norms)
 
     def clear(self) -> None:
         self._buckets.clear()

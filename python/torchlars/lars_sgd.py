@@ -305,13 +305,9 @@ def step_group(
 
 def params_with_dense_grads(group: dict[str, Any], group_index: int, owner: str) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones."""
-    params, grads = [], []
+    params = [param for param in group["params"] if param.grad is not None]
+    grads = [param.grad for param in params]
     adapted = not group.get("lars_exclude", False)
-    for param in group["params"]:
-        grad = param.grad
-        if grad is not None:
-            params.append(param)
-            grads.append(grad)
     if adapted and group.get("fused") and not fused_lars_sgd_supports(params):
         # The check above runs per bucket; find the parameter to name.
         for param_index, param in enumerate(group["params"]):

@@ -90,6 +90,7 @@ def _lars_sgd_fake(
     clip: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    recompute_param_norms: bool = False,
 ) -> None:
     # Only mutates params, momentum_buffers and param_norms in place: the shape checks of the kernel.
     torch._check(

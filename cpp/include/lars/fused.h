@@ -31,10 +31,13 @@ at::Tensor lars_param_norms(at::TensorList tensors);
 ///
 /// which is LARS (functional.h) followed by torch::optim::SGD's step, in two passes over
 /// memory: one reads g for |g|, the other reads w, g and buf and writes w and buf.
-/// `param_norms` must hold |w| on entry (as `lars_param_norms` computes it); the caller
-/// recomputes it whenever something else may have written w. Half types do the arithmetic in
+/// `param_norms` must hold |w| on entry (as `lars_param_norms` computes it), unless
+/// `recompute_param_norms`: then it is only written, and the first pass reads w as well, for
+/// |w|, bit for bit what `lars_param_norms` gives. The passes go block by block (about 1 MB),
+/// so that the second finds in cache what the first read. The caller recomputes whenever
+/// something else may have written w since the last step. Half types do the arithmetic in
 /// fp32. `momentum_buffers` may be empty when momentum is 0. If `found_inf` is non-zero,
-/// nothing is modified. `grads` are read only.
+/// nothing is modified but `param_norms`, which still ends as |w|. `grads` are read only.
 void lars_sgd_(
     at::TensorList params,
     at::TensorList grads,
@@ -51,6 +54,7 @@ void lars_sgd_(
     double trust_coef,
     bool clip,
     const std::optional<at::Tensor>& grad_scale = std::nullopt,
-    const std::optional<at::Tensor>& found_inf = std::nullopt);
+    const std::optional<at::Tensor>& found_inf = std::nullopt,
+    bool recompute_param_norms = false);
 
 } // namespace lars

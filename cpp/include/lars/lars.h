@@ -115,8 +115,9 @@ class LARS : public torch::optim::Optimizer {
 
   // The fused LARS + SGD step of one param group's `params` (with their `grads`).
   void fused_sgd_step(size_t group_index, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads);
-  // The norms of `params` (one dtype): carried where still valid, recomputed otherwise.
-  at::Tensor param_norms(const std::vector<at::Tensor>& params) const;
+  // The norms of `params` that the last steps carried, or an undefined tensor if any of them
+  // may be stale (then the step recomputes them all).
+  at::Tensor carried_param_norms(const std::vector<at::Tensor>& params) const;
 
   // A parameter's norm as the last fused step left it, and what identifies the parameter
   // then. The weak reference keeps another tensor from taking the parameter's address.
