@@ -176,8 +176,8 @@ def recomputations(monkeypatch):
     count = []
     lookup = torchlars._param_norms.CarriedParamNorms.lookup
 
-    def counted(self, key, params):
-        norms = lookup(self, key, params)
+    def counted(self, key, params, buffers):
+        norms = lookup(self, key, params, buffers)
         if norms is None:
             count.append(1)
         return norms
@@ -483,4 +483,43 @@ def test_compiled_step_runs_the_fused_kernel_once_the_buffers_exist(monkeypatch)
     # The first step initialises the buffers in Inductor's loops; the next three call the kernel.
     assert len(calls) == 3 + 4
     assert_close_to_scale(params, eager_params, 1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["inductor", "eager"])
+def test_compiled_step_carries_the_norms_and_sees_an_edit(monkeypatch, backend):
+    # Two compiled twins: one carries the norms from step to step (BufferWitnessedNorms), the
+    # other is made to recompute them every step. They must stay equal bit for bit, through a
+    # user's in-place edit of one parameter between two compiled steps, which the carrying twin
+    # must see (a stale norm would change that parameter's step).
+    torch._dynamo.reset()
+    params, twin_params = make_params(), make_params()
+    witnessed = torchlars._param_norms.BufferWitnessedNorms
+    lookup = witnessed.lookup
+    recomputed = []
+
+    def counted_lookup(self, key, step_params, buffers):
+        if step_params[0] is twin_params[0]:
+            return None  # the twin always recomputes
+        norms = lookup(self, key, step_params, buffers)
+        recomputed.append(norms is None)
+        return norms
+
+    monkeypatch.setattr(witnessed, "lookup", counted_lookup)
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02)
+    optimizer, twin = LARSSGD(params, **options), LARSSGD(twin_params, **options)
+    steps = [torch.compile(o.step, backend=backend) for o in (optimizer, twin)]
+    for step in range(6):
+        set_grads([params, twin_params], step)
+        if step == 4:
+            with torch.no_grad():
+                for p in (params[0], twin_params[0]):
+                    p.mul_(0.5)
+        for compiled_step in steps:
+            compiled_step()
+        for param, twin_param in zip(params, twin_params):
+            torch.testing.assert_close(param, twin_param, rtol=0, atol=0)
+    # Step 0 creates the buffers (no kernel); step 1 has nothing carried; 2 and 3 carry; the
+    # edit before step 4 makes it recompute; step 5 carries again.
+    assert recomputed == [True, False, False, True, False]
     torch._dynamo.reset()

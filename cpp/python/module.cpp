@@ -10,6 +10,7 @@
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -233,6 +234,36 @@ PYBIND11_MODULE(_C, m) {
       stamps.push_back(reinterpret_cast<int64_t>(tensor.const_data_ptr()));
     }
     return py::bytes(reinterpret_cast<const char*>(stamps.data()), stamps.size() * sizeof(int64_t));
+  });
+
+  // Whether each tensor of `a` and of `b` is still the tensor with the data it had in the old
+  // stamps, and the version counter of a[i] advanced exactly as much as b[i]'s
+  // (torchlars._param_norms.BufferWitnessedNorms).
+  m.def("_stamps_advanced_alike", [](const std::string& old_a, const std::string& new_a, const std::string& old_b,
+                                      const std::string& new_b) {
+    const std::string* stamps[] = {&old_a, &new_a, &old_b, &new_b};
+    for (const auto* s : stamps) {
+      if (s->size() != stamps[0]->size() || s->size() % (3 * sizeof(int64_t)) != 0) {
+        return false;
+      }
+    }
+    const size_t n = stamps[0]->size() / (3 * sizeof(int64_t));
+    auto field = [&](int which, size_t i, int k) {
+      int64_t value;
+      std::memcpy(&value, stamps[which]->data() + (3 * i + k) * sizeof(int64_t), sizeof(value));
+      return value;
+    };
+    for (size_t i = 0; i < n; ++i) {
+      for (const int k : {0, 2}) { // the TensorImpl's address and the data pointer
+        if (field(0, i, k) != field(1, i, k) || field(2, i, k) != field(3, i, k)) {
+          return false;
+        }
+      }
+      if (field(1, i, 1) - field(0, i, 1) != field(3, i, 1) - field(2, i, 1)) {
+        return false;
+      }
+    }
+    return true;
   });
 
   py::class_<LockedLARS>(m, "LARS")

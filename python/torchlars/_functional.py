@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchlars._param_norms import CarriedParamNorms
+from torchlars._param_norms import BufferWitnessedNorms, CarriedParamNorms
 
 __all__ = ["lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "trust_ratio"]
 
@@ -489,7 +489,7 @@ def _fused_lars_sgd(
             ]
         for is_first_step, step_params, step_grads, step_buffers in calls:
             key = (device, dtype, is_first_step)
-            param_norms = carried_norms.lookup(key, step_params)
+            param_norms = carried_norms.lookup(key, step_params, step_buffers)
             recompute = param_norms is None
             if recompute:  # the step computes them from the parameters it reads anyway
                 param_norms = torch.empty(len(step_params), dtype=torch.float32)
@@ -504,7 +504,7 @@ def _fused_lars_sgd(
                 recompute_param_norms=recompute,
                 **{**settings, "lr": op_lr},
             )
-            carried_norms.carry(key, step_params, param_norms)
+            carried_norms.carry(key, step_params, step_buffers, param_norms)
 
 
 def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
@@ -543,19 +543,18 @@ def _fused_lars_sgd_step_(
     """``_fused_lars_sgd`` as one operator for torch.compile, once every momentum buffer exists.
 
     Inductor calls it on the parameters themselves (graph inputs mutated in place: no
-    functional copy), and it runs the eager fused kernel. It carries no norm from one step to
-    the next: the compiled graph bumps the version counters of the inputs it mutates again after
-    the operator (twice, in torch 2.13), which would hide a user's edit among the graph's own.
-    The kernel recomputes ``||w||`` instead, in the pass that reads the gradients, block by block,
-    so that the update finds the parameters it read in cache: the memory traffic of the eager
-    step, with one more sum of squares (bench/).
+    functional copy), and it runs the eager fused kernel. The norms it carries from one step to
+    the next are checked against the momentum buffers' version counters
+    (``BufferWitnessedNorms``), because the compiled code bumps the counters of the tensors the
+    operator mutates; where they cannot be trusted (no momentum, a backend that hands the
+    operator copies), the kernel recomputes ``||w||`` in the pass that reads the gradients.
     """
     buffers: list[Tensor | None] = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     _fused_lars_sgd(
         params,
         grads,
         buffers,
-        carried_norms=CarriedParamNorms(),
+        carried_norms=BufferWitnessedNorms(),
         strict=True,
         grad_scale=grad_scale,
         found_inf=found_inf,

@@ -16,15 +16,27 @@ uninterrupted run.
 One blind spot is autograd's own: an in-place edit through ``p.data`` (``p.data.mul_(2)``)
 bumps no version counter. Edit parameters under ``torch.no_grad()`` instead, or call the
 optimizer's ``load_state_dict`` (which forgets every carried norm).
+
+Under ``torch.compile`` the step is one opaque operator inside the graph, and the compiled code
+bumps the version counters of every tensor that operator mutates, a number of times that
+depends on the torch release and the backend (2 with Inductor in torch 2.14, 1 with the eager
+backend). ``BufferWitnessedNorms`` carries the norms there: each parameter's momentum buffer,
+which the operator mutates alongside it and which nothing else writes, is its witness. A norm
+is trusted only if the parameter's counter advanced exactly as much as its buffer's since the
+last step (and both are still the same tensors, with the same data); an edit of the parameter
+alone, inside the graph or outside, makes the two differ. Not seen: an in-place edit of a
+parameter *and* of its momentum buffer as many times each between two steps. Without momentum
+there is no witness, and the norms are recomputed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
+import weakref
 
 from torch import Tensor
 
-__all__ = ["CarriedParamNorms"]
+__all__ = ["BufferWitnessedNorms", "CarriedParamNorms"]
 
 
 def _stamps(params: list[Tensor]) -> bytes:
@@ -44,16 +56,55 @@ class CarriedParamNorms:
     def __init__(self) -> None:
         self._buckets: dict[Hashable, tuple[bytes, list[Tensor], Tensor]] = {}
 
-    def lookup(self, key: Hashable, params: list[Tensor]) -> Tensor | None:
+    def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
         """The fp32 norms of ``params`` as the last step left them, or None if any may be stale."""
         carried = self._buckets.get(key)
         if carried is not None and carried[0] == _stamps(params):
             return carried[2]
         return None
 
-    def carry(self, key: Hashable, params: list[Tensor], norms: Tensor) -> None:
+    def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
         """Remember ``norms`` (just written by the step) as the norms of ``params`` as they are now."""
         self._buckets[key] = (_stamps(params), list(params), norms)
 
     def clear(self) -> None:
         self._buckets.clear()
+
+
+# BufferWitnessedNorms's carried norms, by the address of the bucket's first momentum buffer and
+# the bucket's key: the compiled operator gets no optimizer, only its tensors.
+_WITNESSED: dict[tuple[int, Hashable], tuple[list[weakref.ref], bytes, bytes, Tensor]] = {}
+
+
+class BufferWitnessedNorms:
+    """The norms the compiled step carries, trusted while each parameter's version counter moved
+    as its momentum buffer's did (see the module's docstring). Same interface as CarriedParamNorms."""
+
+    def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
+        if not buffers:
+            return None
+        carried = _WITNESSED.get((_address(buffers[0]), key))
+        if carried is None:
+            return None
+        refs, param_stamps, buffer_stamps, norms = carried
+        tensors = [*params, *buffers]
+        if len(refs) != len(tensors) or any(ref() is not tensor for ref, tensor in zip(refs, tensors)):
+            return None
+        from torchlars import _C
+
+        if not _C._stamps_advanced_alike(param_stamps, _stamps(params), buffer_stamps, _stamps(buffers)):
+            return None
+        return norms
+
+    def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
+        if not buffers:
+            return
+        entry = (_address(buffers[0]), key)
+        if entry not in _WITNESSED:
+            weakref.finalize(buffers[0], _WITNESSED.pop, entry, None)
+        refs = [weakref.ref(tensor) for tensor in (*params, *buffers)]
+        _WITNESSED[entry] = (refs, _stamps(params), _stamps(buffers), norms)
+
+
+def _address(tensor: Tensor) -> int:
+    return int.from_bytes(_stamps([tensor])[:8], "little", signed=True)
