@@ -226,27 +226,10 @@ float norm_from_partials(const std::vector<opmath_t>& partials, size_t first, si
   return static_cast<float>(std::sqrt(sum));
 }
 
-// The sum of squares of data[begin, end), divided by `scale` first if not null.
-template <typename scalar_t>
-at::opmath_type<scalar_t> chunk_square_sum(
-    const scalar_t* data, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
-  using Vec = typename Lanes<scalar_t>::Vec;
-  SquareSum<scalar_t> sum;
-  const bool unscale = scale != nullptr;
-  const Vec divisor(unscale ? *scale : at::opmath_type<scalar_t>(1));
-  for_each_block(begin, end, [&](int64_t i, auto count) {
-    Lanes<scalar_t> x = Lanes<scalar_t>::load(data + i, count);
-    if (unscale) {
-      x = map(x, [&](const Vec& v) { return v / divisor; });
-    }
-    sum.add(x, count);
-  });
-  return sum.total();
-}
-
-// chunk_square_sum of a gradient (divided by `scale` if not null) and of its parameter, in one
-// loop over both: the same numbers, summed in the same order, as two calls would give.
-template <typename scalar_t>
+// The sum of squares of grad[begin, end), divided by `scale` first if not null, and with
+// kWithParam that of param[begin, end) too, in one loop over both: each summed in the order in
+// which it would be alone.
+template <bool kWithParam, typename scalar_t>
 std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> chunk_square_sums(
     const scalar_t* grad, const scalar_t* param, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
   using Vec = typename Lanes<scalar_t>::Vec;
@@ -260,11 +243,19 @@ std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> chunk_square_sum
       g = map(g, [&](const Vec& v) { return v / divisor; });
     }
     grad_sum.add(g, count);
-    param_sum.add(Lanes<scalar_t>::load(param + i, count), count);
+    if constexpr (kWithParam) {
+      param_sum.add(Lanes<scalar_t>::load(param + i, count), count);
+    }
   });
-  return {grad_sum.total(), param_sum.total()};
+  return {grad_sum.total(), kWithParam ? param_sum.total() : 0};
 }
 
+// The sum of squares of data[begin, end), divided by `scale` first if not null.
+template <typename scalar_t>
+at::opmath_type<scalar_t> chunk_square_sum(
+    const scalar_t* data, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
+  return chunk_square_sums<false>(data, static_cast<const scalar_t*>(nullptr), begin, end, scale).first;
+}
 
 // Walks memory in order: the tensors are dense (fused_lars_sgd.cpp sees to it).
 template <typename scalar_t>
@@ -366,7 +357,7 @@ void lars_sgd_typed(
         const Chunk& chunk = chunks[c];
         const Slot& slot = slots[chunk.tensor];
         if (recompute) {
-          std::tie(partials[c], param_partials[c]) = chunk_square_sums(
+          std::tie(partials[c], param_partials[c]) = chunk_square_sums<true>(
               data_of<scalar_t>(slot.grad), data_of<scalar_t>(slot.param), chunk.begin, chunk.end, scale_ptr);
         } else {
           partials[c] = chunk_square_sum(data_of<scalar_t>(slot.grad), chunk.begin, chunk.end, scale_ptr);

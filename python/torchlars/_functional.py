@@ -420,36 +420,19 @@ def _fused_lars_sgd(
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
     *,
-    carried_norms: CarriedParamNorms,
+    carried_norms: CarriedParamNorms | BufferWitnessedNorms,
     strict: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    eps: float,
-    trust_coef: float,
-    clip: bool,
+    **settings: Any,
 ) -> None:
     """The fused operator per (device, dtype) bucket; ``_multi_tensor_lars_sgd`` for a bucket it
-    cannot step, or an error if ``strict`` (``fused=True``)."""
+    cannot step, or an error if ``strict`` (``fused=True``). ``settings`` are ``lars_sgd``'s:
+    lr, weight_decay, momentum, dampening, nesterov, maximize, eps, trust_coef and clip."""
     # Imported here: the pure-Python package works without the C++ extension.
     from torchlars import ops  # noqa: F401  (defines torch.ops.torchlars)
 
-    settings = dict(
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        eps=eps,
-        trust_coef=trust_coef,
-        clip=clip,
-    )
+    momentum, lr = settings["momentum"], settings["lr"]
     grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
     fused = {key: _fused_bucket(*key, bucket) for key, ((bucket, _, _), _) in grouped.items()}
     # The kernel skips an overflowing step by itself. Returning here as well keeps the momentum
