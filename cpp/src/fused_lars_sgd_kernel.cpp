@@ -84,8 +84,8 @@ struct Lanes {
   }
 
   // Writes the first `count` lanes to `data`, rounded to scalar_t, and returns the values
-  // written (in opmath_t), without reading them back from memory: a load right after a wider
-  // store waits for it, which cost a bf16 step a tenth of its time.
+  // written (in opmath_t) from registers rather than reading them back from memory, where a
+  // load right after a wider store has to wait for it.
   template <typename Count>
   C10_ALWAYS_INLINE Lanes stored(scalar_t* data, Count count) const {
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {

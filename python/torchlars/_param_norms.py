@@ -19,7 +19,7 @@ optimizer's ``load_state_dict`` (which forgets every carried norm).
 
 Under ``torch.compile`` the step is one opaque operator inside the graph, and the compiled code
 bumps the version counters of every tensor that operator mutates, a number of times that
-depends on the torch release and the backend (2 with Inductor in torch 2.14, 1 with the eager
+depends on the torch release and the backend (2 with Inductor in torch 2.13 and 2.14, 1 with the eager
 backend). ``BufferWitnessedNorms`` carries the norms there: each parameter's momentum buffer,
 which the operator mutates alongside it and which nothing else writes, is its witness. A norm
 is trusted only if the parameter's counter advanced exactly as much as its buffer's since the
