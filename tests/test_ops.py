@@ -507,18 +507,19 @@ def test_opcheck_lars_param_norms(dtype):
     torch.library.opcheck(torch.ops.torchlars.lars_param_norms.default, (fused_params(dtype),))
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["carried", "recompute"])
 @pytest.mark.parametrize("amp", [False, True], ids=["no_scaler", "grad_scaler"])
 @pytest.mark.parametrize("options", ["no_momentum", "nesterov"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_opcheck_lars_sgd(dtype, options, amp):
+def test_opcheck_lars_sgd(dtype, options, amp, recompute):
     params = fused_params(dtype)
     buffers = [torch.zeros_like(p) for p in params] if SGD_OPTIONS[options]["momentum"] else []
     scaler = dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)) if amp else {}
     torch.library.opcheck(
         torch.ops.torchlars.lars_sgd_.default,
         (params, fused_grads(params, 0), buffers, torch.ops.torchlars.lars_param_norms(params)),
-        dict(lr=torch.tensor(0.1), maximize=False, is_first_step=False, clip=True, **FUSED_LARS,
-             **SGD_OPTIONS[options], **scaler),
+        dict(lr=torch.tensor(0.1), maximize=False, is_first_step=False, clip=True, recompute_param_norms=recompute,
+             **FUSED_LARS, **SGD_OPTIONS[options], **scaler),
     )
 
 
