@@ -236,30 +236,21 @@ PYBIND11_MODULE(_C, m) {
     return py::bytes(reinterpret_cast<const char*>(stamps.data()), stamps.size() * sizeof(int64_t));
   });
 
-  // Whether each tensor of `a` and of `b` is still the tensor with the data it had in the old
-  // stamps, and the version counter of a[i] advanced exactly as much as b[i]'s
-  // (torchlars._param_norms.BufferWitnessedNorms).
-  m.def("_stamps_advanced_alike", [](const std::string& old_a, const std::string& new_a, const std::string& old_b,
-                                      const std::string& new_b) {
-    const std::string* stamps[] = {&old_a, &new_a, &old_b, &new_b};
-    for (const auto* s : stamps) {
-      if (s->size() != stamps[0]->size() || s->size() % (3 * sizeof(int64_t)) != 0) {
-        return false;
-      }
+  // Whether each tensor of the old stamps is still the tensor with the same data in the new
+  // ones, its version counter advanced by exactly `delta` (torchlars._param_norms.WitnessedNorms).
+  m.def("_stamps_moved_by", [](const std::string& old_stamps, const std::string& new_stamps, int64_t delta) {
+    constexpr size_t kStamp = 3 * sizeof(int64_t);
+    if (old_stamps.size() != new_stamps.size() || old_stamps.size() % kStamp != 0) {
+      return false;
     }
-    const size_t n = stamps[0]->size() / (3 * sizeof(int64_t));
-    auto field = [&](int which, size_t i, int k) {
+    auto field = [](const std::string& stamps, size_t i, size_t k) {
       int64_t value;
-      std::memcpy(&value, stamps[which]->data() + (3 * i + k) * sizeof(int64_t), sizeof(value));
+      std::memcpy(&value, stamps.data() + i * kStamp + k * sizeof(int64_t), sizeof(value));
       return value;
     };
-    for (size_t i = 0; i < n; ++i) {
-      for (const int k : {0, 2}) { // the TensorImpl's address and the data pointer
-        if (field(0, i, k) != field(1, i, k) || field(2, i, k) != field(3, i, k)) {
-          return false;
-        }
-      }
-      if (field(1, i, 1) - field(0, i, 1) != field(3, i, 1) - field(2, i, 1)) {
+    for (size_t i = 0; i < old_stamps.size() / kStamp; ++i) {
+      if (field(old_stamps, i, 0) != field(new_stamps, i, 0) || field(old_stamps, i, 2) != field(new_stamps, i, 2) ||
+          field(new_stamps, i, 1) - field(old_stamps, i, 1) != delta) {
         return false;
       }
     }

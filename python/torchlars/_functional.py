@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchlars._param_norms import BufferWitnessedNorms, CarriedParamNorms
+from torchlars._param_norms import CarriedParamNorms, WitnessedNorms
 
 __all__ = ["lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "trust_ratio"]
 
@@ -311,6 +311,7 @@ def lars_sgd(
     momentum_buffer_list: list[Tensor | None],
     *,
     carried_norms: CarriedParamNorms | None = None,
+    step_witness: Tensor | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
     grad_scale: Tensor | None = None,
@@ -341,9 +342,12 @@ def lars_sgd(
     divided by ``grad_scale``, and nothing changes if ``found_inf`` is non-zero.
 
     ``fused=True`` steps with liblars's fused operator ``torch.ops.torchlars.lars_sgd_`` (plain
-    CPU tensors; the norms ``||w||`` are carried in ``carried_norms`` from one step to the next),
-    except under ``torch.compile``, where Inductor fuses the ``torch._foreach_*`` ops of
-    ``_multi_tensor_lars_sgd`` instead. ``fused=None`` and ``foreach=None`` pick, per device and
+    CPU tensors; the norms ``||w||`` are carried in ``carried_norms`` from one step to the next).
+    Under ``torch.compile`` the first step (which creates the momentum buffers) runs
+    ``_multi_tensor_lars_sgd``'s ``torch._foreach_*`` ops, which Inductor fuses, and the later
+    ones the fused operator as one opaque operator in the graph, carrying the norms with
+    ``step_witness`` (see ``torchlars._param_norms``): a CPU tensor that only this param
+    group's steps are given, kept from step to step; without it they are recomputed. ``fused=None`` and ``foreach=None`` pick, per device and
     dtype, the fused operator where it runs (the C++ extension installed, eager) and the
     ``torch._foreach_*`` ops elsewhere; ``foreach=False`` steps one parameter at a time.
     """
@@ -377,6 +381,7 @@ def lars_sgd(
             params,
             grads,
             momentum_buffer_list if momentum != 0 else [],
+            torch.zeros((), dtype=torch.int64) if step_witness is None else step_witness,
             lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64),
             **{name: value for name, value in settings.items() if name != "lr"},
         )
@@ -506,11 +511,14 @@ def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
     )
 
 
-@torch.library.custom_op("torchlars_python::fused_lars_sgd_step_", mutates_args=("params", "momentum_buffers"))
+@torch.library.custom_op(
+    "torchlars_python::fused_lars_sgd_step_", mutates_args=("params", "momentum_buffers", "step_witness")
+)
 def _fused_lars_sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    step_witness: Tensor,
     lr: Tensor,
     weight_decay: float,
     momentum: float,
@@ -527,17 +535,17 @@ def _fused_lars_sgd_step_(
 
     Inductor calls it on the parameters themselves (graph inputs mutated in place: no
     functional copy), and it runs the eager fused kernel. The norms it carries from one step to
-    the next are checked against the momentum buffers' version counters
-    (``BufferWitnessedNorms``), because the compiled code bumps the counters of the tensors the
-    operator mutates; where they cannot be trusted (no momentum, a backend that hands the
-    operator copies), the kernel recomputes ``||w||`` in the pass that reads the gradients.
+    the next are checked against ``step_witness``'s version counter (``WitnessedNorms``): it is
+    declared mutated, so the compiled code bumps it as it bumps the parameters, and nothing else
+    touches it (the operator does not even write it). Where the norms cannot be trusted, the
+    kernel recomputes ``||w||`` in the pass that reads the gradients.
     """
     buffers: list[Tensor | None] = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     _fused_lars_sgd(
         params,
         grads,
         buffers,
-        carried_norms=BufferWitnessedNorms(),
+        carried_norms=WitnessedNorms(step_witness),
         strict=True,
         grad_scale=grad_scale,
         found_inf=found_inf,
@@ -554,8 +562,8 @@ def _fused_lars_sgd_step_(
 
 
 @_fused_lars_sgd_step_.register_fake
-def _(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize, eps, trust_coef,
-      clip, grad_scale, found_inf) -> None:
+def _(params, grads, momentum_buffers, step_witness, lr, weight_decay, momentum, dampening, nesterov, maximize, eps,
+      trust_coef, clip, grad_scale, found_inf) -> None:
     return None
 
 

@@ -19,14 +19,13 @@ optimizer's ``load_state_dict`` (which forgets every carried norm).
 
 Under ``torch.compile`` the step is one opaque operator inside the graph, and the compiled code
 bumps the version counters of every tensor that operator mutates, a number of times that
-depends on the torch release and the backend (2 with Inductor in torch 2.13 and 2.14, 1 with the eager
-backend). ``BufferWitnessedNorms`` carries the norms there: each parameter's momentum buffer,
-which the operator mutates alongside it and which nothing else writes, is its witness. A norm
-is trusted only if the parameter's counter advanced exactly as much as its buffer's since the
-last step (and both are still the same tensors, with the same data); an edit of the parameter
-alone, inside the graph or outside, makes the two differ. Not seen: an in-place edit of a
-parameter *and* of its momentum buffer as many times each between two steps. Without momentum
-there is no witness, and the norms are recomputed.
+depends on the torch release and the backend (2 with Inductor in torch 2.13 and 2.14, 1 with the
+eager backend). ``WitnessedNorms`` carries the norms there: the optimizer hands the operator one
+private tensor per param group, its *step witness*, which the operator declares as mutated like
+the parameters, so that the compiled code bumps it alike, and which nothing else can reach. A
+norm is trusted only if the parameter's counter advanced exactly as much as the witness's since
+the last step (and the parameter and its momentum buffer are still the same tensors, with the
+same data); any edit of the parameter, inside the graph or outside, makes the two differ.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import weakref
 
 from torch import Tensor
 
-__all__ = ["BufferWitnessedNorms", "CarriedParamNorms"]
+__all__ = ["CarriedParamNorms", "WitnessedNorms"]
 
 
 def _stamps(params: list[Tensor]) -> bytes:
@@ -71,39 +70,39 @@ class CarriedParamNorms:
         self._buckets.clear()
 
 
-# BufferWitnessedNorms's carried norms, by the address of the bucket's first momentum buffer and
-# the bucket's key: the compiled operator gets no optimizer, only its tensors.
-_WITNESSED: dict[tuple[int, Hashable], tuple[list[weakref.ref], bytes, bytes, Tensor]] = {}
+# WitnessedNorms's carried norms, by the address of the step witness and the bucket's key: the
+# compiled operator gets no optimizer, only its tensors.
+_WITNESSED: dict[tuple[int, Hashable], tuple[list[weakref.ref], bytes, int, Tensor]] = {}
 
 
-class BufferWitnessedNorms:
+class WitnessedNorms:
     """The norms the compiled step carries, trusted while each parameter's version counter moved
-    as its momentum buffer's did (see the module's docstring). Same interface as CarriedParamNorms."""
+    as much as the step witness's did (see the module's docstring). Same interface as
+    CarriedParamNorms."""
+
+    def __init__(self, witness: Tensor) -> None:
+        self._witness = witness
 
     def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
-        if not buffers:
-            return None
-        carried = _WITNESSED.get((_address(buffers[0]), key))
+        carried = _WITNESSED.get((_address(self._witness), key))
         if carried is None:
             return None
-        refs, param_stamps, buffer_stamps, norms = carried
+        refs, param_stamps, witness_version, norms = carried
         tensors = [*params, *buffers]
         if len(refs) != len(tensors) or any(ref() is not tensor for ref, tensor in zip(refs, tensors)):
             return None
         from torchlars import _C
 
-        if not _C._stamps_advanced_alike(param_stamps, _stamps(params), buffer_stamps, _stamps(buffers)):
+        if not _C._stamps_moved_by(param_stamps, _stamps(params), self._witness._version - witness_version):
             return None
         return norms
 
     def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
-        if not buffers:
-            return
-        entry = (_address(buffers[0]), key)
+        entry = (_address(self._witness), key)
         if entry not in _WITNESSED:
-            weakref.finalize(buffers[0], _WITNESSED.pop, entry, None)
+            weakref.finalize(self._witness, _WITNESSED.pop, entry, None)
         refs = [weakref.ref(tensor) for tensor in (*params, *buffers)]
-        _WITNESSED[entry] = (refs, _stamps(params), _stamps(buffers), norms)
+        _WITNESSED[entry] = (refs, _stamps(params), self._witness._version, norms)
 
 
 def _address(tensor: Tensor) -> int:

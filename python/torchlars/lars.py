@@ -19,7 +19,7 @@ from torchlars._distributed import (
     split_dtensors,
 )
 from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients
-from torchlars.lars_sgd import forget_carried_norms, step_lars_of_fused_sgd, wraps_fused_sgd
+from torchlars.lars_sgd import forget_carried_norms, prepare_step_witnesses, step_lars_of_fused_sgd, wraps_fused_sgd
 
 __all__ = ["LARS", "exclude_bias_and_norm"]
 
@@ -129,6 +129,10 @@ class LARS(Optimizer):
             "clip": self.clip,
             "backend": self.backend,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        prepare_step_witnesses(self)  # for a compiled fused SGD step (lars_sgd.step_lars_of_fused_sgd)
 
     def __repr__(self) -> str:
         base = "\n".join("    " + line for line in repr(self.optim).splitlines())
@@ -255,6 +259,7 @@ class LARS(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optim.add_param_group(param_group)
+        prepare_step_witnesses(self)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict, plus LARS's settings under ``"lars"``.

@@ -14,7 +14,7 @@ from torch.optim.sgd import sgd
 from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd, skipped_by_grad_scaler
 from torchlars._param_norms import CarriedParamNorms
 
-__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd", "forget_carried_norms"]
+__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd", "forget_carried_norms", "prepare_step_witnesses"]
 
 
 class LARSSGD(Optimizer):
@@ -118,6 +118,10 @@ class LARSSGD(Optimizer):
             fused is None and foreach is None and fused_lars_sgd_supports(all_params)
         )
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        prepare_step_witnesses(self)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # A plain torch.optim.SGD state dict has none of LARS's settings: take the defaults.
@@ -126,10 +130,12 @@ class LARSSGD(Optimizer):
                 group.setdefault(name, self.defaults[name])
         # load_state_dict calls this too: a loaded state dict usually comes with loaded parameters.
         forget_carried_norms(self)
+        prepare_step_witnesses(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop(_CARRIED_NORMS, None)
+        state.pop(_STEP_WITNESSES, None)
         return state
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -159,6 +165,7 @@ class LARSSGD(Optimizer):
                     grads,
                     self.state,
                     carried_norms=carried_norms_of(self, group_index),
+                    step_witness=step_witness_of(self, group_index),
                     eps=group["eps"],
                     trust_coef=group["trust_coef"],
                     clip=group["clip"],
@@ -190,6 +197,7 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
                 grads,
                 base.state,
                 carried_norms=carried_norms_of(lars, index),
+                step_witness=step_witness_of(lars, index),
                 eps=lars.eps,
                 trust_coef=lars.trust_coef,
                 clip=lars.clip,
@@ -240,6 +248,26 @@ def forget_carried_norms(optimizer: Optimizer) -> None:
     optimizer.__dict__.pop(_CARRIED_NORMS, None)
 
 
+_STEP_WITNESSES = "_lars_step_witnesses"
+
+
+def prepare_step_witnesses(optimizer: Optimizer) -> None:
+    """Give each param group of ``optimizer`` its step witness, a private tensor that the compiled
+    fused step carries its norms with (``torchlars._param_norms.WitnessedNorms``).
+
+    Made eagerly (at construction, ``add_param_group`` and unpickling): a tensor made inside a
+    compiled step would not outlive it. Kept outside the optimizer's state: never saved.
+    """
+    witnesses = optimizer.__dict__.setdefault(_STEP_WITNESSES, [])
+    while len(witnesses) < len(optimizer.param_groups):
+        witnesses.append(torch.zeros((), dtype=torch.int64))
+
+
+def step_witness_of(optimizer: Optimizer, group_index: int) -> Tensor | None:
+    witnesses = getattr(optimizer, _STEP_WITNESSES, None)
+    return witnesses[group_index] if witnesses is not None and group_index < len(witnesses) else None
+
+
 def step_group(
     group: dict[str, Any],
     params: list[Tensor],
@@ -247,6 +275,7 @@ def step_group(
     state: dict,
     *,
     carried_norms: CarriedParamNorms | None,
+    step_witness: Tensor | None,
     eps: float,
     trust_coef: float,
     clip: bool,
@@ -289,6 +318,7 @@ def step_group(
             grads,
             buffers,
             carried_norms=carried_norms,
+            step_witness=step_witness,
             foreach=group.get("foreach"),
             fused=group.get("fused"),
             grad_scale=grad_scale,
