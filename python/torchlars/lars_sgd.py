@@ -185,7 +185,10 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
     param_groups = base.param_groups
     indices = [next(i for i, g in enumerate(param_groups) if g is group) for group in adapted_groups]
     # Every group's gradients are checked before any parameter changes.
-    gathered = [params_with_dense_grads(group, index, "LARS") for group, index in zip(adapted_groups, indices)]
+    # wraps_fused_sgd, which chose this path, has checked every adapted parameter.
+    gathered = [
+        params_with_dense_grads(group, index, "LARS", fused_checked=True) for group, index in zip(adapted_groups, indices)
+    ]
     grad_scale, found_inf = getattr(lars, "grad_scale", None), getattr(lars, "found_inf", None)
     if skipped_by_grad_scaler(found_inf):
         return
@@ -333,12 +336,16 @@ def step_group(
             state[param]["momentum_buffer"] = buffer
 
 
-def params_with_dense_grads(group: dict[str, Any], group_index: int, owner: str) -> tuple[list[Tensor], list[Tensor]]:
-    """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones."""
+def params_with_dense_grads(
+    group: dict[str, Any], group_index: int, owner: str, *, fused_checked: bool = False
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones,
+    and, with ``fused=True``, what the fused operator cannot step (unless the caller has just
+    checked every parameter: ``fused_checked``)."""
     params = [param for param in group["params"] if param.grad is not None]
     grads = [param.grad for param in params]
     adapted = not group.get("lars_exclude", False)
-    if adapted and group.get("fused") and not fused_lars_sgd_supports(params):
+    if adapted and group.get("fused") and not fused_checked and not fused_lars_sgd_supports(params):
         # The check above runs per bucket; find the parameter to name.
         for param_index, param in enumerate(group["params"]):
             if param.grad is not None:
