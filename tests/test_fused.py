@@ -503,8 +503,18 @@ def _halve_param_and_buffer(params, optimizer):
             optimizer.state[params[0]]["momentum_buffer"].mul_(0.5)
 
 
+def _data_write_then_load_state_dict(params, optimizer):
+    with torch.no_grad():
+        params[0].data.mul_(0.5)  # unseen by the version counter: the load is what forgets
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
 @pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "no_momentum"])
-@pytest.mark.parametrize("edit", [_halve_param, _halve_param_and_buffer], ids=["param", "param_and_buffer"])
+@pytest.mark.parametrize(
+    "edit",
+    [_halve_param, _halve_param_and_buffer, _data_write_then_load_state_dict],
+    ids=["param", "param_and_buffer", "load_state_dict"],
+)
 @pytest.mark.parametrize("build", ["LARSSGD", "LARS_fused_SGD"])
 @pytest.mark.parametrize("backend", ["inductor", "eager"])
 def test_compiled_step_carries_the_norms_and_sees_an_edit(monkeypatch, backend, build, edit, momentum):

@@ -24,8 +24,8 @@ eager backend). ``WitnessedNorms`` carries the norms there: the optimizer hands 
 private tensor per param group, its *step witness*, which the operator declares as mutated like
 the parameters, so that the compiled code bumps it alike, and which nothing else can reach. A
 norm is trusted only if the parameter's counter advanced exactly as much as the witness's since
-the last step (and the parameter and its momentum buffer are still the same tensors, with the
-same data); any edit of the parameter, inside the graph or outside, makes the two differ.
+the last step (and the parameter is still the same tensor, with the same data); any edit of
+the parameter, inside the graph or outside, makes the two differ.
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ class WitnessedNorms:
 
     def __init__(self, witness: Tensor) -> None:
         self._witness = witness
+        self._address = _address(witness)
 
     def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
-        carried = _WITNESSED.get((_address(self._witness), key))
+        carried = _WITNESSED.get((self._address, key))
         if carried is None:
             return None
         refs, param_stamps, witness_version, norms = carried
-        tensors = [*params, *buffers]
-        if len(refs) != len(tensors) or any(ref() is not tensor for ref, tensor in zip(refs, tensors)):
+        if len(refs) != len(params) or any(ref() is not param for ref, param in zip(refs, params)):
             return None
         from torchlars import _C
 
@@ -98,10 +98,11 @@ class WitnessedNorms:
         return norms
 
     def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
-        entry = (_address(self._witness), key)
+        entry = (self._address, key)
         if entry not in _WITNESSED:
             weakref.finalize(self._witness, _WITNESSED.pop, entry, None)
-        refs = [weakref.ref(tensor) for tensor in (*params, *buffers)]
+        # Weak: a backend that hands the operator copies must not have them kept alive here.
+        refs = [weakref.ref(param) for param in params]
         _WITNESSED[entry] = (refs, _stamps(params), self._witness._version, norms)
 
 

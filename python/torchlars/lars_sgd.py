@@ -130,7 +130,6 @@ class LARSSGD(Optimizer):
                 group.setdefault(name, self.defaults[name])
         # load_state_dict calls this too: a loaded state dict usually comes with loaded parameters.
         forget_carried_norms(self)
-        prepare_step_witnesses(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -248,7 +247,10 @@ def carried_norms_of(optimizer: Optimizer, group_index: int) -> CarriedParamNorm
 
 
 def forget_carried_norms(optimizer: Optimizer) -> None:
+    """Have the next step recompute every norm, eager or compiled: new step witnesses too."""
     optimizer.__dict__.pop(_CARRIED_NORMS, None)
+    optimizer.__dict__.pop(_STEP_WITNESSES, None)
+    prepare_step_witnesses(optimizer)
 
 
 _STEP_WITNESSES = "_lars_step_witnesses"
