@@ -347,9 +347,10 @@ def lars_sgd(
     ``_multi_tensor_lars_sgd``'s ``torch._foreach_*`` ops, which Inductor fuses, and the later
     ones the fused operator as one opaque operator in the graph, carrying the norms with
     ``step_witness`` (see ``torchlars._param_norms``): a CPU tensor that only this param
-    group's steps are given, kept from step to step; without it they are recomputed. ``fused=None`` and ``foreach=None`` pick, per device and
-    dtype, the fused operator where it runs (the C++ extension installed, eager) and the
-    ``torch._foreach_*`` ops elsewhere; ``foreach=False`` steps one parameter at a time.
+    group's steps are given, kept from step to step; without it they are recomputed.
+    ``fused=None`` and ``foreach=None`` pick, per device and dtype, the fused operator where it
+    runs (the C++ extension installed, eager) and the ``torch._foreach_*`` ops elsewhere;
+    ``foreach=False`` steps one parameter at a time.
     """
     if not params:
         return
@@ -425,7 +426,7 @@ def _fused_lars_sgd(
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
     *,
-    carried_norms: CarriedParamNorms | BufferWitnessedNorms,
+    carried_norms: CarriedParamNorms | WitnessedNorms,
     strict: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -477,7 +478,7 @@ def _fused_lars_sgd(
             ]
         for is_first_step, step_params, step_grads, step_buffers in calls:
             key = (device, dtype, is_first_step)
-            param_norms = carried_norms.lookup(key, step_params, step_buffers)
+            param_norms = carried_norms.lookup(key, step_params)
             recompute = param_norms is None
             if recompute:  # the step computes them from the parameters it reads anyway
                 param_norms = torch.empty(len(step_params), dtype=torch.float32)
@@ -492,7 +493,7 @@ def _fused_lars_sgd(
                 recompute_param_norms=recompute,
                 **{**settings, "lr": op_lr},
             )
-            carried_norms.carry(key, step_params, step_buffers, param_norms)
+            carried_norms.carry(key, step_params, param_norms)
 
 
 def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:

@@ -55,19 +55,16 @@ class CarriedParamNorms:
     def __init__(self) -> None:
         self._buckets: dict[Hashable, tuple[bytes, list[Tensor], Tensor]] = {}
 
-    def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
+    def lookup(self, key: Hashable, params: list[Tensor]) -> Tensor | None:
         """The fp32 norms of ``params`` as the last step left them, or None if any may be stale."""
         carried = self._buckets.get(key)
         if carried is not None and carried[0] == _stamps(params):
             return carried[2]
         return None
 
-    def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
+    def carry(self, key: Hashable, params: list[Tensor], norms: Tensor) -> None:
         """Remember ``norms`` (just written by the step) as the norms of ``params`` as they are now."""
         self._buckets[key] = (_stamps(params), list(params), norms)
-
-    def clear(self) -> None:
-        self._buckets.clear()
 
 
 # WitnessedNorms's carried norms, by the address of the step witness and the bucket's key: the
@@ -84,7 +81,7 @@ class WitnessedNorms:
         self._witness = witness
         self._address = _address(witness)
 
-    def lookup(self, key: Hashable, params: list[Tensor], buffers: list[Tensor]) -> Tensor | None:
+    def lookup(self, key: Hashable, params: list[Tensor]) -> Tensor | None:
         carried = _WITNESSED.get((self._address, key))
         if carried is None:
             return None
@@ -97,7 +94,7 @@ class WitnessedNorms:
             return None
         return norms
 
-    def carry(self, key: Hashable, params: list[Tensor], buffers: list[Tensor], norms: Tensor) -> None:
+    def carry(self, key: Hashable, params: list[Tensor], norms: Tensor) -> None:
         entry = (self._address, key)
         if entry not in _WITNESSED:
             weakref.finalize(self._witness, _WITNESSED.pop, entry, None)
