@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torchlars._functional import _param_and_grad_norms, _scale_by_trust_ratio_
+from torchlars._functional import _param_and_grad_norms, _scale_by_trust_ratio_, decay_
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -110,16 +110,20 @@ def lars_scale_dtensor_gradients_(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
+    variant: str = "paper",
+) -> list[tuple[list[Tensor], Tensor]]:
     """:func:`torchlars._functional.lars_scale_gradients_` for DTensors, all param groups at once.
 
     ``params[k]``, ``grads[k]``, ``weight_decays[k]`` and ``lrs[k]`` belong to param group
     ``k``. Every rank of a mesh passes the same parameters in the same order (FSDP2 does).
+    Returns the DTensor parameters with their ratios, as the plain path does.
     """
     # Per mesh, the local pieces grouped by param group, dtype and the mesh dimensions along
     # which they are copies. The layout depends on the placements only, so it is the same on
     # every rank and the reduced sums line up.
     layouts: dict[DeviceMesh, dict[_PieceKind, tuple[list[Tensor], list[Tensor]]]] = {}
+    dtensor_params: dict[DeviceMesh, dict[_PieceKind, list[Tensor]]] = {}
+    ratios = []
     for group_index, (group_params, group_grads) in enumerate(zip(params, grads)):
         for param, grad in zip(group_params, group_grads):
             copied_along = tuple(dim for dim, placement in enumerate(param.placements) if placement.is_replicate())
@@ -127,6 +131,11 @@ def lars_scale_dtensor_gradients_(
             local_params, local_grads = layouts.setdefault(param.device_mesh, {}).setdefault(kind, ([], []))
             local_params.append(param.to_local())
             local_grads.append(grad.to_local())
+            dtensor_params.setdefault(param.device_mesh, {}).setdefault(kind, []).append(param)
+    if variant == "decayed":  # the ratio is taken from the decayed gradient: decay first
+        for layout in layouts.values():
+            for (group_index, _, _), (local_params, local_grads) in layout.items():
+                decay_(local_params, local_grads, weight_decays[group_index])
 
     for mesh, layout in layouts.items():
         # Phase 1: the whole norms, from the local sums of squares and one collective.
@@ -144,21 +153,25 @@ def lars_scale_dtensor_gradients_(
         whole_norms = sums_of_squares.sqrt_().split([len(norms) for norms in local_norms])
 
         # Phase 2: each rank scales its own pieces of the gradients.
-        for ((group_index, _, _), (local_params, local_grads)), norms, local in zip(
+        for (kind, (local_params, local_grads)), norms, local in zip(
             layout.items(), whole_norms, local_norms
         ):
+            group_index = kind[0]
             param_norms, grad_norms = norms.to(local.dtype).chunk(2)
-            _scale_by_trust_ratio_(
+            kind_ratios = _scale_by_trust_ratio_(
                 local_params,
                 local_grads,
                 param_norms,
                 grad_norms,
-                weight_decay=weight_decays[group_index],
+                weight_decay=0.0 if variant == "decayed" else weight_decays[group_index],
                 lr=lrs[group_index],
                 eps=eps,
                 trust_coef=trust_coef,
                 clip=clip,
+                variant=variant,
             )
+            ratios.append((dtensor_params[mesh][kind], kind_ratios))
+    return ratios
 
 
 # (param group index, dtype, mesh dimensions along which the parameter is replicated)

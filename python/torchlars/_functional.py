@@ -22,7 +22,7 @@ from torch import Tensor
 
 from torchlars._param_norms import CarriedParamNorms, WitnessedNorms
 
-__all__ = ["lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "trust_ratio"]
+__all__ = ["TRUST_RATIOS", "lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "lars_update_", "trust_ratio"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,9 @@ def _torch_grouping() -> Callable[..., Any] | None:
 _group_tensors_by_device_and_dtype = _torch_grouping() or _grouped_by_device_and_dtype
 
 
+TRUST_RATIOS = ("paper", "decayed", "update")
+
+
 def trust_ratio(
     param_norms: Tensor,
     grad_norms: Tensor,
@@ -65,19 +68,17 @@ def trust_ratio(
     eps: float,
     trust_coef: float,
     clip: bool,
+    variant: str = "paper",
 ) -> Tensor:
-    r"""Layer-wise trust ratios of LARS (You, Gitman & Ginsburg, 2017).
+    r"""Layer-wise trust ratios, one per parameter: the formula of :class:`torchlars.LARS`.
 
-    .. math::
-        r = \begin{cases}
-            \eta \, \|w\| / (\|g\| + \lambda \|w\| + \epsilon) & \|w\| > 0 \text{ and } \|g\| > 0 \\
-            1 & \text{otherwise}
-        \end{cases}
-        \qquad r \leftarrow \min(r / \text{lr}, 1) \text{ if clip (LARC)}
-
-    Pure tensor ops, so nothing waits on the device: the zero-norm test is a ``torch.where``.
+    ``grad_norms`` holds, per ``variant``, :math:`\|g\|` (``"paper"``), :math:`\|g + \lambda w\|`
+    (``"decayed"``) or the norm of the base's step per unit of learning rate (``"update"``);
+    only ``"paper"`` adds :math:`\lambda \|w\|` to the denominator. Pure tensor ops, so
+    nothing waits on the device: the zero-norm test is a ``torch.where``.
     """
-    ratio = trust_coef * param_norms / (grad_norms + weight_decay * param_norms + eps)
+    denominator = grad_norms + weight_decay * param_norms if variant == "paper" else grad_norms
+    ratio = trust_coef * param_norms / (denominator + eps)
     ratio = torch.where((param_norms > 0) & (grad_norms > 0), ratio, torch.ones_like(ratio))
     if clip:
         ratio = torch.clamp(ratio / lr, max=1.0)
@@ -93,19 +94,22 @@ def lars_scale_gradients_(
     eps: float,
     trust_coef: float,
     clip: bool,
+    variant: str = "paper",
     backend: str = "foreach",
-) -> None:
+) -> list[tuple[list[Tensor], Tensor]]:
     r"""Replace every gradient by its LARS-scaled version, in place.
 
     .. math:: g \leftarrow (g + \lambda w) \cdot r
 
-    with :math:`r` from :func:`trust_ratio`. ``params[i]`` and ``grads[i]`` belong together.
+    with :math:`r` from :func:`trust_ratio` (``variant`` "paper" or "decayed"). ``params[i]`` and
+    ``grads[i]`` belong together. Returns, per (device, dtype), the parameters and the fp32 ratios
+    the scaling used.
     ``backend`` picks the implementation, both giving the same numbers: ``"foreach"``
     (``torch._foreach_*`` ops, here) or ``"cpp"`` (the C++ operator of liblars,
     ``torch.ops.torchlars.lars_scale_gradients_``, in :mod:`torchlars.ops`).
     """
     if not params:
-        return
+        return []
     if backend == "foreach":
         func = _multi_tensor_lars_scale_gradients_
     elif backend == "cpp":
@@ -115,7 +119,8 @@ def lars_scale_gradients_(
         func = ops.lars_scale_gradients_
     else:
         raise ValueError(f"lars_scale_gradients_: `backend` must be 'foreach' or 'cpp', got {backend!r}")
-    func(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip)
+    return func(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip,
+                variant=variant)
 
 
 def lars_scaled_gradients(
@@ -128,6 +133,7 @@ def lars_scaled_gradients(
     trust_coef: float,
     clip: bool,
     maximize: bool,
+    variant: str = "paper",
 ) -> list[Tensor]:
     r"""The LARS-scaled gradients :math:`(\pm g + \lambda w) \cdot r`, as new tensors.
 
@@ -141,16 +147,18 @@ def lars_scaled_gradients(
         if maximize:
             grad = -grad
         norm_dtype = torch.float32 if param.dtype in _HALF_TYPES else None
+        decayed = grad + weight_decay * param
         ratio = trust_ratio(
             torch.linalg.vector_norm(param, dtype=norm_dtype),
-            torch.linalg.vector_norm(grad, dtype=norm_dtype),
+            torch.linalg.vector_norm(decayed if variant == "decayed" else grad, dtype=norm_dtype),
             weight_decay=weight_decay,
             lr=lr,
             eps=eps,
             trust_coef=trust_coef,
             clip=clip,
+            variant=variant,
         )
-        scaled.append(((grad + weight_decay * param) * ratio).to(grad.dtype))
+        scaled.append((decayed * ratio).to(grad.dtype))
     return scaled
 
 
@@ -163,21 +171,38 @@ def _multi_tensor_lars_scale_gradients_(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
+    variant: str,
+) -> list[tuple[list[Tensor], Tensor]]:
+    ratios = []
     grouped = _group_tensors_by_device_and_dtype([params, grads])
     for (_, dtype), ((device_params, device_grads), _) in grouped.items():
+        if variant == "decayed":
+            # The ratio is taken from the decayed gradient itself: decay first, then scale.
+            decay_(device_params, device_grads, weight_decay)
         param_norms, grad_norms = _param_and_grad_norms(device_params, device_grads, dtype)
-        _scale_by_trust_ratio_(
+        group_ratios = _scale_by_trust_ratio_(
             device_params,
             device_grads,
             param_norms,
             grad_norms,
-            weight_decay=weight_decay,
+            weight_decay=0.0 if variant == "decayed" else weight_decay,
             lr=lr,
             eps=eps,
             trust_coef=trust_coef,
             clip=clip,
+            variant=variant,
         )
+        ratios.append((device_params, group_ratios))
+    return ratios
+
+
+def decay_(params: list[Tensor], grads: list[Tensor], weight_decay: float | Tensor) -> None:
+    r""":math:`g \leftarrow g + \lambda w`, in place (nothing for a float 0)."""
+    if isinstance(weight_decay, Tensor):
+        # Never compared with 0 nor passed as alpha: both would wait on the device.
+        torch._foreach_add_(grads, torch._foreach_mul(params, weight_decay))
+    elif weight_decay != 0:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
 
 
 def _scale_by_trust_ratio_(
@@ -191,8 +216,10 @@ def _scale_by_trust_ratio_(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
-    r""":math:`g \leftarrow (g + \lambda w) \cdot r` for tensors of one device and dtype, given the norms.
+    variant: str = "paper",
+) -> Tensor:
+    r""":math:`g \leftarrow (g + \lambda w) \cdot r` for tensors of one device and dtype, given the norms;
+    returns the ratios :math:`r`.
 
     The norms are those of the whole parameters and gradients, which are not those of
     ``params`` and ``grads`` when these are the local shards of DTensors (``_distributed``).
@@ -205,15 +232,16 @@ def _scale_by_trust_ratio_(
         eps=eps,
         trust_coef=trust_coef,
         clip=clip,
+        variant=variant,
     )
     # Kept in the norms' dtype, fp32 for fp16/bf16 gradients: the multiply then runs in fp32 and
     # rounds once, instead of every layer's step being off by the ratio's rounding (0.4% in bf16).
-    ratios = ratios.unbind(0)
+    all_ratios, ratios = ratios, ratios.unbind(0)
     # A tensor weight decay is never compared with 0 nor passed as alpha: both would wait on the device.
     tensor_weight_decay = isinstance(weight_decay, Tensor)
     if not tensor_weight_decay and weight_decay == 0:
         torch._foreach_mul_(grads, ratios)
-        return
+        return all_ratios
     # On the CPU, adding the decay and multiplying one cache-sized block at a time reads and
     # writes each gradient from memory once instead of twice. (On a GPU, blocks would multiply
     # the kernel launches; under torch.compile the two ops fuse anyway.)
@@ -227,6 +255,7 @@ def _scale_by_trust_ratio_(
         else:
             torch._foreach_add_(block_grads, block_params, alpha=weight_decay)
         torch._foreach_mul_(block_grads, block_ratios)
+    return all_ratios
 
 
 # Elements per block of _cpu_blocks: 1 MiB of fp32 gradient plus as much parameter stays in a
@@ -265,8 +294,7 @@ def _cpu_blocks(
 
 def _param_and_grad_norms(params: list[Tensor], grads: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The L2 norms of ``params`` and of ``grads`` (all of ``dtype``), each stacked into one tensor."""
-    # Half-precision norms are accumulated (and returned) in fp32.
-    norm_dtype = torch.float32 if dtype in _HALF_TYPES else None
+    norm_dtype = _norm_dtype(dtype)
     if torch.compiler.is_compiling() and params[0].device.type == "cpu":
         param_norms = torch.stack([_row_blocked_sum_of_squares(p, norm_dtype) for p in params]).sqrt()
         grad_norms = torch.stack([_row_blocked_sum_of_squares(g, norm_dtype) for g in grads]).sqrt()
@@ -301,6 +329,53 @@ def _row_blocked_sum_of_squares(tensor: Tensor, dtype: torch.dtype | None) -> Te
     return total
 
 
+def lars_update_(
+    params: list[Tensor],
+    params_before: list[Tensor],
+    *,
+    lr: float | Tensor,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    r"""Scale the step a base optimizer just took, in place: ``trust_ratio="update"`` (LAMB).
+
+    .. math:: u = w - w_{before} \qquad w \leftarrow w_{before} + r \, u
+
+    with :math:`r` from :func:`trust_ratio` on :math:`\|w_{before}\|` and :math:`\|u\| / \gamma`.
+    ``params_before`` is overwritten. Five passes over memory beyond the base's step: the copy
+    ``params_before`` (made by the caller), :math:`u`, two norms and the scaled step. Returns, per
+    (device, dtype), the parameters and the fp32 ratios used.
+    """
+    ratios = []
+    grouped = _group_tensors_by_device_and_dtype([params, params_before])
+    for (_, dtype), ((device_params, device_before), _) in grouped.items():
+        steps = device_before
+        param_norms = torch.stack(torch._foreach_norm(device_before, 2, dtype=_norm_dtype(dtype)))
+        torch._foreach_sub_(steps, device_params)  # w_before - w: minus the base's step
+        step_norms = torch.stack(torch._foreach_norm(steps, 2, dtype=_norm_dtype(dtype)))
+        group_ratios = trust_ratio(
+            param_norms,
+            step_norms / lr,
+            weight_decay=0.0,
+            lr=lr,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+            variant="update",
+        )
+        # w + (1 - r) (w_before - w) = w_before + r u; exactly the base's step when r = 1.
+        torch._foreach_mul_(steps, (1 - group_ratios).unbind(0))
+        torch._foreach_add_(device_params, steps)
+        ratios.append((device_params, group_ratios))
+    return ratios
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # Half-precision norms are accumulated (and returned) in fp32.
+    return torch.float32 if dtype in _HALF_TYPES else None
+
+
 # ---------------------------------------------------------------------------------------
 # A whole LARS + momentum-SGD step
 
@@ -325,7 +400,8 @@ def lars_sgd(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
+    variant: str = "paper",
+) -> list[tuple[list[Tensor], Tensor]]:
     r"""One LARS step of momentum SGD for the parameters of one param group.
 
     .. math::
@@ -350,10 +426,11 @@ def lars_sgd(
     group's steps are given, kept from step to step; without it they are recomputed.
     ``fused=None`` and ``foreach=None`` pick, per device and dtype, the fused operator where it
     runs (the C++ extension installed, eager) and the ``torch._foreach_*`` ops elsewhere;
-    ``foreach=False`` steps one parameter at a time.
+    ``foreach=False`` steps one parameter at a time. ``variant`` is "paper" or "decayed" (see
+    :func:`trust_ratio`). Returns, per bucket, the parameters and the fp32 ratios the step used.
     """
     if not params:
-        return
+        return []
     settings = dict(
         grad_scale=grad_scale,
         found_inf=found_inf,
@@ -366,33 +443,40 @@ def lars_sgd(
         eps=eps,
         trust_coef=trust_coef,
         clip=clip,
+        variant=variant,
     )
     wants_fused = fused or (fused is None and foreach is None and _extension_installed())
     if wants_fused and not torch.compiler.is_compiling():
         if carried_norms is None:
             carried_norms = CarriedParamNorms()
-        _fused_lars_sgd(params, grads, momentum_buffer_list, carried_norms=carried_norms, strict=bool(fused), **settings)
+        return _fused_lars_sgd(
+            params, grads, momentum_buffer_list, carried_norms=carried_norms, strict=bool(fused), **settings
+        )
     elif (
         wants_fused
         and (momentum == 0 or all(buffer is not None for buffer in momentum_buffer_list))
         and fused_lars_sgd_supports(params)
     ):
         # Compiled, once the momentum buffers exist: the fused kernel as one opaque operator.
+        ratios = torch.empty(len(params), dtype=torch.float32)
         torch.ops.torchlars_python.fused_lars_sgd_step_(
             params,
             grads,
             momentum_buffer_list if momentum != 0 else [],
             torch.zeros((), dtype=torch.int64) if step_witness is None else step_witness,
             lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64),
+            ratios,
             **{name: value for name, value in settings.items() if name != "lr"},
         )
-    elif fused or foreach or foreach is None:
-        _multi_tensor_lars_sgd(params, grads, momentum_buffer_list, **settings)
-    else:
-        for index in range(len(params)):
-            buffers = momentum_buffer_list[index : index + 1]
-            _multi_tensor_lars_sgd(params[index : index + 1], grads[index : index + 1], buffers, **settings)
-            momentum_buffer_list[index : index + 1] = buffers
+        return [(params, ratios)]
+    if fused or foreach or foreach is None:
+        return _multi_tensor_lars_sgd(params, grads, momentum_buffer_list, **settings)
+    ratios = []
+    for index in range(len(params)):
+        buffers = momentum_buffer_list[index : index + 1]
+        ratios += _multi_tensor_lars_sgd(params[index : index + 1], grads[index : index + 1], buffers, **settings)
+        momentum_buffer_list[index : index + 1] = buffers
+    return ratios
 
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -431,21 +515,23 @@ def _fused_lars_sgd(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     **settings: Any,
-) -> None:
+) -> list[tuple[list[Tensor], Tensor]]:
     """The fused operator per (device, dtype) bucket; ``_multi_tensor_lars_sgd`` for a bucket it
     cannot step, or an error if ``strict`` (``fused=True``). ``settings`` are ``lars_sgd``'s:
-    lr, weight_decay, momentum, dampening, nesterov, maximize, eps, trust_coef and clip."""
+    lr, weight_decay, momentum, dampening, nesterov, maximize, eps, trust_coef, clip and variant.
+    Returns the parameters and ratios of each operator call."""
     # Imported here: the pure-Python package works without the C++ extension.
     from torchlars import ops  # noqa: F401  (defines torch.ops.torchlars)
 
-    momentum, lr = settings["momentum"], settings["lr"]
+    momentum, lr, variant = settings["momentum"], settings["lr"], settings.pop("variant")
     grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
     fused = {key: _fused_bucket(*key, bucket) for key, ((bucket, _, _), _) in grouped.items()}
     # The kernel skips an overflowing step by itself. Returning here as well keeps the momentum
     # buffers of a skipped first step unset, so the next step is a first step, as with
     # GradScaler and a plain SGD.
     if any(fused.values()) and skipped_by_grad_scaler(found_inf):
-        return
+        return []
+    ratios: list[tuple[list[Tensor], Tensor]] = []
     op_lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     for (device, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
         if not fused[device, dtype]:
@@ -454,8 +540,8 @@ def _fused_lars_sgd(
                     f"lars_sgd: fused=True steps plain CPU tensors of {FUSED_DTYPES}, got "
                     f"{type(device_params[0]).__name__} tensors of {dtype} on {device}"
                 )
-            _multi_tensor_lars_sgd(device_params, device_grads, device_buffers, grad_scale=grad_scale,
-                                   found_inf=found_inf, **settings)
+            ratios += _multi_tensor_lars_sgd(device_params, device_grads, device_buffers, grad_scale=grad_scale,
+                                             found_inf=found_inf, variant=variant, **settings)
             for index, buffer in zip(indices, device_buffers):
                 momentum_buffer_list[index] = buffer
             continue
@@ -482,6 +568,7 @@ def _fused_lars_sgd(
             recompute = param_norms is None
             if recompute:  # the step computes them from the parameters it reads anyway
                 param_norms = torch.empty(len(step_params), dtype=torch.float32)
+            step_ratios = torch.empty(len(step_params), dtype=torch.float32)
             torch.ops.torchlars.lars_sgd_(
                 step_params,
                 step_grads,
@@ -491,9 +578,13 @@ def _fused_lars_sgd(
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 recompute_param_norms=recompute,
+                trust_ratio=variant,
+                trust_ratios=step_ratios,
                 **{**settings, "lr": op_lr},
             )
             carried_norms.carry(key, step_params, param_norms)
+            ratios.append((step_params, step_ratios))
+    return ratios
 
 
 def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
@@ -513,7 +604,8 @@ def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
 
 
 @torch.library.custom_op(
-    "torchlars_python::fused_lars_sgd_step_", mutates_args=("params", "momentum_buffers", "step_witness")
+    "torchlars_python::fused_lars_sgd_step_",
+    mutates_args=("params", "momentum_buffers", "step_witness", "trust_ratios"),
 )
 def _fused_lars_sgd_step_(
     params: list[Tensor],
@@ -521,6 +613,7 @@ def _fused_lars_sgd_step_(
     momentum_buffers: list[Tensor],
     step_witness: Tensor,
     lr: Tensor,
+    trust_ratios: Tensor,
     weight_decay: float,
     momentum: float,
     dampening: float,
@@ -531,6 +624,7 @@ def _fused_lars_sgd_step_(
     clip: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    variant: str,
 ) -> None:
     """``_fused_lars_sgd`` as one operator for torch.compile, once every momentum buffer exists.
 
@@ -539,10 +633,11 @@ def _fused_lars_sgd_step_(
     the next are checked against ``step_witness``'s version counter (``WitnessedNorms``): it is
     declared mutated, so the compiled code bumps it as it bumps the parameters, and nothing else
     touches it (the operator does not even write it). Where the norms cannot be trusted, the
-    kernel recomputes ``||w||`` in the pass that reads the gradients.
+    kernel recomputes ``||w||`` in the pass that reads the gradients. ``trust_ratios`` gets the
+    ratios the step used.
     """
     buffers: list[Tensor | None] = list(momentum_buffers) if momentum != 0 else [None] * len(params)
-    _fused_lars_sgd(
+    ratios = _fused_lars_sgd(
         params,
         grads,
         buffers,
@@ -559,12 +654,15 @@ def _fused_lars_sgd_step_(
         eps=eps,
         trust_coef=trust_coef,
         clip=clip,
+        variant=variant,
     )
+    if ratios:  # one call when every buffer exists, as here; none when GradScaler skipped the step
+        trust_ratios.copy_(torch.cat([step_ratios for _, step_ratios in ratios]))
 
 
 @_fused_lars_sgd_step_.register_fake
-def _(params, grads, momentum_buffers, step_witness, lr, weight_decay, momentum, dampening, nesterov, maximize, eps,
-      trust_coef, clip, grad_scale, found_inf) -> None:
+def _(params, grads, momentum_buffers, step_witness, lr, trust_ratios, weight_decay, momentum, dampening, nesterov,
+      maximize, eps, trust_coef, clip, grad_scale, found_inf, variant) -> None:
     return None
 
 
@@ -584,7 +682,9 @@ def _multi_tensor_lars_sgd(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
+    variant: str,
+) -> list[tuple[list[Tensor], Tensor]]:
+    all_ratios = []
     grouped = _group_tensors_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
     for (_, dtype), ((device_params, device_grads, device_buffers), indices) in grouped.items():
         # New tensors from here on: the caller's gradients stay as they are.
@@ -592,8 +692,10 @@ def _multi_tensor_lars_sgd(
             device_grads = torch._foreach_div(device_grads, grad_scale)
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
+        if variant == "decayed":
+            device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
         param_norms, grad_norms = _param_and_grad_norms(device_params, device_grads, dtype)
-        ratios = trust_ratio(
+        group_ratios = trust_ratio(
             param_norms,
             grad_norms,
             weight_decay=weight_decay,
@@ -601,8 +703,11 @@ def _multi_tensor_lars_sgd(
             eps=eps,
             trust_coef=trust_coef,
             clip=clip,
-        ).unbind(0)
-        if weight_decay != 0:
+            variant=variant,
+        )
+        all_ratios.append((device_params, group_ratios))
+        ratios = group_ratios.unbind(0)
+        if weight_decay != 0 and variant == "paper":
             updates = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
             torch._foreach_mul_(updates, ratios)
         else:
@@ -636,3 +741,4 @@ def _multi_tensor_lars_sgd(
                 # A first step's new buffer has nothing to go back to: zeros, which the next
                 # step's update turns into that step's d (exactly so when dampening is 0).
                 buffer.copy_(torch.where(skip, torch.zeros_like(buffer) if old is None else old, buffer))
+    return all_ratios

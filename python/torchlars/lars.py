@@ -18,10 +18,17 @@ from torchlars._distributed import (
     sharding_problem,
     split_dtensors,
 )
-from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients
-from torchlars.lars_sgd import forget_carried_norms, prepare_step_witnesses, step_lars_of_fused_sgd, wraps_fused_sgd
+from torchlars._functional import TRUST_RATIOS, lars_scale_gradients_, lars_scaled_gradients, lars_update_
+from torchlars.lars_sgd import (
+    forget_carried_norms,
+    prepare_step_witnesses,
+    record_trust_ratios,
+    step_lars_of_fused_sgd,
+    trust_ratios_of,
+    wraps_fused_sgd,
+)
 
-__all__ = ["LARS", "exclude_bias_and_norm"]
+__all__ = ["LARS", "exclude_bias_and_norm", "named_trust_ratios"]
 
 
 class LARS(Optimizer):
@@ -42,7 +49,19 @@ class LARS(Optimizer):
         r &\leftarrow \min(r / \gamma, 1) \qquad \text{only if clip (LARC)} \\
         g &\leftarrow (g + \lambda w) \, r
 
-    where :math:`\eta` is ``trust_coef``. The wrapped optimizer then steps on the scaled
+    where :math:`\eta` is ``trust_coef`` (``trust_ratio="paper"``, the default). With
+    ``trust_ratio="decayed"`` (SimCLR, BYOL, Barlow Twins, VICReg, MoCo v3, optax's ``lars``) the
+    denominator is :math:`\|g + \lambda w\|_2 + \epsilon` instead, and the zero-norm test is on
+    that norm. With ``trust_ratio="update"`` (LAMB, You et al., 2019, `arXiv:1904.00962
+    <https://arxiv.org/abs/1904.00962>`_) the base steps first, with its own weight decay, and
+    its step :math:`u = w_{after} - w_{before}` is scaled instead:
+
+    .. math::
+        r = \eta \, \|w_{before}\|_2 / (\|u\|_2 / \gamma + \epsilon), \qquad
+        w \leftarrow w_{before} + r \, u
+
+    with the same zero-norm rule and clip; ``LARS(AdamW(...), trust_coef=1.0, eps=0.0,
+    trust_ratio="update")`` is LAMB. For "paper" and "decayed", the wrapped optimizer then steps on the scaled
     gradient with its weight decay set to 0 (the decay is already in :math:`g`); its learning
     rate, momentum and state apply as usual. Groups with ``"lars_exclude": True`` are left
     to the wrapped optimizer untouched (see :func:`exclude_bias_and_norm`).
@@ -62,6 +81,12 @@ class LARS(Optimizer):
             code and which ``torch.compile`` can fuse) or ``"cpp"`` (liblars's C++ operator
             ``torch.ops.torchlars.lars_scale_gradients_``, which saves the Python overhead
             of small models in eager mode; needs the installed package).
+        trust_ratio: ``"paper"`` (default), ``"decayed"`` or ``"update"``, as above.
+
+    ``trust_ratios()`` returns the ratios of the last step per parameter, as device tensors.
+    An adaptive base (Adam, AdamW, RMSprop, Adagrad, ...) divides each coordinate by its own
+    running scale, which mostly cancels a per-layer factor on the gradient: "paper" and
+    "decayed" around one warn once; use ``trust_ratio="update"`` there.
     """
 
     def __init__(
@@ -72,6 +97,7 @@ class LARS(Optimizer):
         *,
         clip: bool = False,
         backend: str = "foreach",
+        trust_ratio: str = "paper",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -80,14 +106,28 @@ class LARS(Optimizer):
             )
         if isinstance(optimizer, LARS):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
-        _check_settings(eps=eps, trust_coef=trust_coef, clip=clip)
+        _check_settings(eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
         _check_backend(backend)
+        if trust_ratio == "update" and backend != "foreach":
+            raise ValueError(
+                "LARS: `backend` has no meaning with trust_ratio='update' (the base steps first and "
+                "LARS scales its step with torch ops); leave backend='foreach'"
+            )
         _check_base(optimizer, backend)
+        if trust_ratio != "update" and type(optimizer) in _ADAPTIVE_BASES:
+            warnings.warn(
+                f"LARS: a {type(optimizer).__name__} base divides each coordinate of the gradient by its "
+                f"own running scale, which mostly cancels the trust ratio of trust_ratio={trust_ratio!r}; "
+                "use trust_ratio='update' (LAMB) to scale the base's step instead",
+                UserWarning,
+                stacklevel=2,
+            )
         self.optim = optimizer
         self.eps = float(eps)
         self.trust_coef = float(trust_coef)
         self.clip = bool(clip)
         self.backend = backend
+        self.trust_ratio = trust_ratio
         # What Optimizer.__init__ would set up, minus the param groups, which are the base's.
         self.__setstate__(self.__getstate__())
 
@@ -128,16 +168,18 @@ class LARS(Optimizer):
             "trust_coef": self.trust_coef,
             "clip": self.clip,
             "backend": self.backend,
+            "trust_ratio": self.trust_ratio,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("trust_ratio", "paper")
         super().__setstate__(state)
         prepare_step_witnesses(self)  # for a compiled fused SGD step (lars_sgd.step_lars_of_fused_sgd)
 
     def __repr__(self) -> str:
         base = "\n".join("    " + line for line in repr(self.optim).splitlines())
         return (
-            f"LARS(eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip},\n"
+            f"LARS(eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip}, trust_ratio={self.trust_ratio!r},\n"
             f"  optimizer=\n{base}\n)"
         )
 
@@ -152,12 +194,15 @@ class LARS(Optimizer):
         adapted_groups = [group for group in self.param_groups if not group.get("lars_exclude", False)]
         for group in adapted_groups:  # options can change between steps; refused before anything is modified
             _check_group_options(group, self.param_groups, self.backend)
+        if self.trust_ratio == "update":
+            self._step_and_scale_update(adapted_groups)
+            return loss
         if wraps_fused_sgd(self.optim):
             # One pass of liblars's fused LARS-momentum operator per parameter (lars_sgd.py).
             step_lars_of_fused_sgd(self, adapted_groups)
             return loss
         with torch.no_grad():
-            self._scale_gradients(adapted_groups)
+            record_trust_ratios(self, self._scale_gradients(adapted_groups))
         taken_over = [{key: group[key] for key in _TAKEN_OVER if key in group} for group in adapted_groups]
         for group, options in zip(adapted_groups, taken_over):
             group.update({key: _TAKEN_OVER[key] for key in options})
@@ -167,6 +212,30 @@ class LARS(Optimizer):
             for group, options in zip(adapted_groups, taken_over):
                 group.update(options)
         return loss
+
+    def _step_and_scale_update(self, adapted_groups: list[dict[str, Any]]) -> None:
+        """``trust_ratio="update"``: the base steps with all its options, then LARS scales its step."""
+        gathered = [_params_with_dense_grads(group, self.param_groups) for group in adapted_groups]
+        with torch.no_grad():
+            # Before the base writes them: the weights the ratio is taken from and the step starts at.
+            params_before = [torch._foreach_mul(params, 1.0) if params else [] for params, _ in gathered]
+        self._step_base()
+        ratios = []
+        with torch.no_grad():
+            for group, (params, _), before in zip(adapted_groups, gathered, params_before):
+                ratios += lars_update_(
+                    params, before, lr=group["lr"], eps=self.eps, trust_coef=self.trust_coef, clip=self.clip
+                )
+        record_trust_ratios(self, ratios)
+
+    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The trust ratio of the last step of every adapted parameter that had a gradient then.
+
+        0-d fp32 tensors on the parameters' devices (the parameter's own dtype for fp64), the
+        values the step used, kept without a sync or an extra pass; reading them is the
+        caller's sync. Empty before the first step.
+        """
+        return trust_ratios_of(self)
 
     def _step_base(self) -> None:
         """Step the wrapped optimizer with its own step hooks, and without the global ones.
@@ -200,7 +269,7 @@ class LARS(Optimizer):
         for post_hook in post_hooks.values():
             post_hook(base, args, kwargs)
 
-    def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> None:
+    def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         # Per group, (plain params, grads) and (DTensor params, grads).
         gathered = [split_dtensors(*_params_with_dense_grads(group, self.param_groups)) for group in adapted_groups]
         for group, (_, (dtensor_params, _)) in zip(adapted_groups, gathered):
@@ -215,6 +284,7 @@ class LARS(Optimizer):
                 # LARS on maximize=True is LARS on the negated loss, as in torch.optim: g -> -g
                 # before the decay is added (the base then steps with maximize=False).
                 torch._foreach_neg_([*grads, *(grad.to_local() for grad in dtensor_grads)])
+        ratios = []
         for group, ((params, grads), _) in zip(adapted_groups, gathered):
             if group.get("differentiable", False):
                 # New gradients that autograd differentiates through, as the base's own
@@ -229,11 +299,12 @@ class LARS(Optimizer):
                         trust_coef=self.trust_coef,
                         clip=self.clip,
                         maximize=group.get("maximize", False),
+                        variant=self.trust_ratio,
                     )
                 for param, grad in zip(params, scaled):
                     param.grad = grad
                 continue
-            lars_scale_gradients_(
+            ratios += lars_scale_gradients_(
                 params,
                 grads,
                 weight_decay=group.get("weight_decay", 0.0),
@@ -241,10 +312,11 @@ class LARS(Optimizer):
                 eps=self.eps,
                 trust_coef=self.trust_coef,
                 clip=self.clip,
+                variant=self.trust_ratio,
                 backend=self.backend,
             )
         # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
-        lars_scale_dtensor_gradients_(
+        ratios += lars_scale_dtensor_gradients_(
             [params for _, (params, _) in gathered],
             [grads for _, (_, grads) in gathered],
             weight_decays=[group.get("weight_decay", 0.0) for group in adapted_groups],
@@ -252,7 +324,9 @@ class LARS(Optimizer):
             eps=self.eps,
             trust_coef=self.trust_coef,
             clip=self.clip,
+            variant=self.trust_ratio,
         )
+        return ratios
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optim.zero_grad(set_to_none=set_to_none)
@@ -269,7 +343,12 @@ class LARS(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optim.state_dict()
-        state_dict["lars"] = {"eps": self.eps, "trust_coef": self.trust_coef, "clip": self.clip}
+        state_dict["lars"] = {
+            "eps": self.eps,
+            "trust_coef": self.trust_coef,
+            "clip": self.clip,
+            "trust_ratio": self.trust_ratio,
+        }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             hook_result = post_hook(self, state_dict)
             if hook_result is not None:
@@ -285,6 +364,7 @@ class LARS(Optimizer):
         state_dict = dict(state_dict)
         settings = state_dict.pop("lars", None)
         if settings is not None:
+            settings = {"trust_ratio": self.trust_ratio, **settings}
             _check_settings(**settings)
         self.optim.load_state_dict(state_dict)
         forget_carried_norms(self)
@@ -292,6 +372,7 @@ class LARS(Optimizer):
             self.eps = float(settings["eps"])
             self.trust_coef = float(settings["trust_coef"])
             self.clip = bool(settings["clip"])
+            self.trust_ratio = settings["trust_ratio"]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -304,7 +385,9 @@ def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
-def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
+def _check_settings(*, eps: float, trust_coef: float, clip: bool, trust_ratio: str) -> None:
+    if trust_ratio not in TRUST_RATIOS:
+        raise ValueError(f"LARS: `trust_ratio` must be one of {', '.join(map(repr, TRUST_RATIOS))}, got {trust_ratio!r}")
     if not eps >= 0.0:
         raise ValueError(f"LARS: `eps` must be non-negative, got {eps}")
     if not trust_coef >= 0.0:
@@ -312,6 +395,18 @@ def _check_settings(*, eps: float, trust_coef: float, clip: bool) -> None:
     if not isinstance(clip, bool):
         raise TypeError(f"LARS: `clip` must be a bool, got {torch.typename(clip)}")
 
+
+# Bases that divide each coordinate by a running scale of its own, cancelling a per-layer factor.
+_ADAPTIVE_BASES = {
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+}
 
 # The base's options that LARS applies itself in an adapted group, and what the base steps
 # with instead: the decay is folded into the scaled gradient, and so is the sign of maximize.
@@ -459,3 +554,13 @@ def exclude_bias_and_norm(
     if excluded:
         groups.append({"params": excluded, "weight_decay": 0.0, "lars_exclude": True})
     return groups
+
+
+def named_trust_ratios(optimizer: Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``optimizer.trust_ratios()`` keyed by ``model.named_parameters()`` names, for loggers.
+
+    Example (Lightning): ``self.log_dict({f"trust_ratio/{k}": v for k, v in
+    named_trust_ratios(optimizer, self).items()})``.
+    """
+    ratios = optimizer.trust_ratios()
+    return {name: ratios[param] for name, param in model.named_parameters() if param in ratios}

@@ -14,7 +14,15 @@ from torch.optim.sgd import sgd
 from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd, skipped_by_grad_scaler
 from torchlars._param_norms import CarriedParamNorms
 
-__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd", "forget_carried_norms", "prepare_step_witnesses"]
+__all__ = [
+    "LARSSGD",
+    "forget_carried_norms",
+    "prepare_step_witnesses",
+    "record_trust_ratios",
+    "step_lars_of_fused_sgd",
+    "trust_ratios_of",
+    "wraps_fused_sgd",
+]
 
 
 class LARSSGD(Optimizer):
@@ -51,6 +59,8 @@ class LARSSGD(Optimizer):
         eps: added to the denominator of the trust ratio (default: 1e-8).
         trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
         clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does (default: False).
+        trust_ratio: ``"paper"`` (default) or ``"decayed"``, the self-supervised recipes' ratio
+            :math:`\eta \|w\| / (\|g + \lambda w\| + \epsilon)` (see :class:`torchlars.LARS`).
         foreach: ``torch._foreach_*`` ops (True), one parameter at a time (False), or
             chosen with ``fused`` (None).
         fused: liblars's fused LARS-momentum operator, one pass over each parameter, its
@@ -72,6 +82,7 @@ class LARSSGD(Optimizer):
         eps: float = 1e-8,
         trust_coef: float = 0.001,
         clip: bool = False,
+        trust_ratio: str = "paper",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -90,6 +101,14 @@ class LARSSGD(Optimizer):
             raise ValueError(f"LARSSGD: `eps` must be non-negative, got {eps}")
         if not trust_coef >= 0.0:
             raise ValueError(f"LARSSGD: `trust_coef` must be non-negative, got {trust_coef}")
+        if trust_ratio not in ("paper", "decayed"):
+            raise ValueError(
+                f"LARSSGD: `trust_ratio` must be 'paper' or 'decayed', got {trust_ratio!r}; the "
+                "'update' ratio (LAMB) scales a base optimizer's step: use "
+                "torchlars.LARS(base, trust_ratio='update')"
+            )
+        if not isinstance(clip, bool):
+            raise TypeError(f"LARSSGD: `clip` must be a bool, got {torch.typename(clip)}")
         if fused and foreach:
             raise ValueError("LARSSGD: `fused=True` and `foreach=True` cannot be set together")
         defaults = {
@@ -104,6 +123,7 @@ class LARSSGD(Optimizer):
             "eps": eps,
             "trust_coef": trust_coef,
             "clip": clip,
+            "trust_ratio": trust_ratio,
         }
         super().__init__(params, defaults)
         if fused:
@@ -126,7 +146,7 @@ class LARSSGD(Optimizer):
         super().__setstate__(state)
         # A plain torch.optim.SGD state dict has none of LARS's settings: take the defaults.
         for group in self.param_groups:
-            for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip"):
+            for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip", "trust_ratio"):
                 group.setdefault(name, self.defaults[name])
         # load_state_dict calls this too: a loaded state dict usually comes with loaded parameters.
         forget_carried_norms(self)
@@ -135,7 +155,16 @@ class LARSSGD(Optimizer):
         state = super().__getstate__()
         state.pop(_CARRIED_NORMS, None)
         state.pop(_STEP_WITNESSES, None)
+        state.pop(_TRUST_RATIOS, None)
         return state
+
+    def trust_ratios(self) -> dict[Tensor, Tensor]:
+        """The trust ratio of the last step of every adapted parameter that had a gradient then.
+
+        0-d fp32 tensors on the parameters' devices (the parameter's own dtype for fp64), the
+        values the step used; reading them is the caller's sync. Empty before the first step.
+        """
+        return trust_ratios_of(self)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS step of every param group.
@@ -156,9 +185,10 @@ class LARSSGD(Optimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if skipped_by_grad_scaler(found_inf):
             return loss
+        ratios = []
         with torch.no_grad():
             for group_index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
-                step_group(
+                ratios += step_group(
                     group,
                     params,
                     grads,
@@ -168,9 +198,11 @@ class LARSSGD(Optimizer):
                     eps=group["eps"],
                     trust_coef=group["trust_coef"],
                     clip=group["clip"],
+                    variant=group["trust_ratio"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                 )
+        record_trust_ratios(self, ratios)
         return loss
 
 
@@ -191,9 +223,10 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
     grad_scale, found_inf = getattr(lars, "grad_scale", None), getattr(lars, "found_inf", None)
     if skipped_by_grad_scaler(found_inf):
         return
+    ratios = []
     with torch.no_grad():
         for group, index, (params, grads) in zip(adapted_groups, indices, gathered):
-            step_group(
+            ratios += step_group(
                 group,
                 params,
                 grads,
@@ -203,9 +236,11 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
                 eps=lars.eps,
                 trust_coef=lars.trust_coef,
                 clip=lars.clip,
+                variant=lars.trust_ratio,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
+    record_trust_ratios(lars, ratios)
     amp = {name: value for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)) if value is not None}
     base.param_groups = [group for group in param_groups if all(group is not g for g in adapted_groups)]
     base.__dict__.update(amp)  # where torch's fused SGD looks for them, as GradScaler puts them
@@ -284,15 +319,17 @@ def step_group(
     eps: float,
     trust_coef: float,
     clip: bool,
+    variant: str,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
-    """Step one SGD param group with LARS, or as plain SGD if it is ``"lars_exclude"``.
+) -> list[tuple[list[Tensor], Tensor]]:
+    """Step one SGD param group with LARS, or as plain SGD if it is ``"lars_exclude"``; returns
+    the parameters and ratios of the LARS step (none for an excluded group).
 
     The momentum buffers live in ``state[p]["momentum_buffer"]``, as ``torch.optim.SGD`` keeps them.
     """
     if not params:
-        return
+        return []
     momentum = group["momentum"]
     buffers = [state[param].get("momentum_buffer") for param in params] if momentum != 0 else [None] * len(params)
     new_buffers = momentum != 0 and any(buffer is None for buffer in buffers)
@@ -304,6 +341,7 @@ def step_group(
         nesterov=group["nesterov"],
         maximize=group.get("maximize", False),
     )
+    ratios = []
     if group.get("lars_exclude", False):
         # torch's SGD takes grad_scale and found_inf on its fused path only.
         amp = grad_scale is not None or found_inf is not None
@@ -318,7 +356,7 @@ def step_group(
             **options,
         )
     else:
-        lars_sgd(
+        ratios = lars_sgd(
             params,
             grads,
             buffers,
@@ -331,11 +369,29 @@ def step_group(
             eps=eps,
             trust_coef=trust_coef,
             clip=clip,
+            variant=variant,
             **options,
         )
     if new_buffers:  # the others are in the state already
         for param, buffer in zip(params, buffers):
             state[param]["momentum_buffer"] = buffer
+    return ratios
+
+
+_TRUST_RATIOS = "_lars_trust_ratios"
+
+
+def record_trust_ratios(optimizer: Optimizer, ratios: list[tuple[list[Tensor], Tensor]]) -> None:
+    """Keep the (parameters, ratios) of a step for ``trust_ratios()``: references, no copy, no sync."""
+    optimizer.__dict__[_TRUST_RATIOS] = ratios
+
+
+def trust_ratios_of(optimizer: Optimizer) -> dict[Tensor, Tensor]:
+    return {
+        param: ratio
+        for params, ratios in optimizer.__dict__.get(_TRUST_RATIOS, [])
+        for param, ratio in zip(params, ratios.unbind(0))
+    }
 
 
 def params_with_dense_grads(
