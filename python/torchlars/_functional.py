@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import importlib
 import importlib.util
+import os
 from typing import Any
+import warnings
 
 import torch
 from torch import Tensor
@@ -175,7 +177,12 @@ def _multi_tensor_lars_scale_gradients_(
 ) -> list[tuple[list[Tensor], Tensor]]:
     ratios = []
     grouped = _group_tensors_by_device_and_dtype([params, grads])
-    for (_, dtype), ((device_params, device_grads), _) in grouped.items():
+    for (device, dtype), ((device_params, device_grads), _) in grouped.items():
+        if triton_steps(device, device_params, device_grads):
+            group_ratios = _triton().scale_gradients_(device_params, device_grads, weight_decay=weight_decay, lr=lr,
+                                                      eps=eps, trust_coef=trust_coef, clip=clip, variant=variant)
+            ratios.append((device_params, group_ratios))
+            continue
         if variant == "decayed":
             # The ratio is taken from the decayed gradient itself: decay first, then scale.
             decay_(device_params, device_grads, weight_decay)
@@ -445,6 +452,8 @@ def lars_sgd(
         clip=clip,
         variant=variant,
     )
+    if (fused or (fused is None and foreach is None)) and triton_steps(params[0].device, params, grads):
+        return [(params, _triton().lars_sgd_(params, grads, momentum_buffer_list, **settings))]
     wants_fused = fused or (fused is None and foreach is None and _extension_installed())
     if wants_fused and not torch.compiler.is_compiling():
         if carried_norms is None:
@@ -598,6 +607,7 @@ def skipped_by_grad_scaler(found_inf: Tensor | None) -> bool:
     return (
         found_inf is not None
         and found_inf.device.type == "cpu"
+        and not _triton_on_cpu()
         and not torch.compiler.is_compiling()
         and bool(found_inf.item())
     )
@@ -742,3 +752,52 @@ def _multi_tensor_lars_sgd(
                 # step's update turns into that step's d (exactly so when dampening is 0).
                 buffer.copy_(torch.where(skip, torch.zeros_like(buffer) if old is None else old, buffer))
     return all_ratios
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels for GPU tensors (torchlars._triton, imported only when used)
+
+# Looked up once, at import: finding a module is cheap, importing triton is not.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_warned_no_triton = False
+
+
+def _triton() -> Any:
+    return importlib.import_module("torchlars._triton")
+
+
+def _triton_on_cpu() -> bool:
+    """Whether CPU tensors take the Triton kernels, through Triton's interpreter (for tests)."""
+    return (
+        _TRITON_INSTALLED
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and os.environ.get("TORCHLARS_TRITON_ON_CPU") == "1"
+    )
+
+
+def triton_steps(device: torch.device, *tensor_lists: list[Tensor]) -> bool:
+    """Whether the Triton kernels step these lists of one device and dtype (eager steps only:
+    a compiled step keeps the ``torch._foreach_*`` ops, which Inductor fuses itself)."""
+    global _warned_no_triton
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and not _TRITON_INSTALLED:
+        if not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn(
+                "torchlars: triton is not installed, so LARS steps CUDA tensors with torch._foreach_* ops, "
+                "one kernel per parameter for some of them; `pip install triton` for its multi-tensor kernels",
+                stacklevel=4,
+            )
+        return False
+    if device.type != "cuda" and not (device.type == "cpu" and _triton_on_cpu()):
+        return False
+    return _triton().steps(*tensor_lists)
+
+
+def triton_lars_sgd_supports(params: list[Tensor]) -> bool:
+    """Whether the Triton kernels can step ``params`` (each bucket) with ``lars_sgd``."""
+    return all(
+        triton_steps(device, bucket)
+        for (device, _), ((bucket,), _) in _group_tensors_by_device_and_dtype([params]).items()
+    )

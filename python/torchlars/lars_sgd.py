@@ -11,7 +11,13 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
-from torchlars._functional import FUSED_DTYPES, fused_lars_sgd_supports, lars_sgd, skipped_by_grad_scaler
+from torchlars._functional import (
+    FUSED_DTYPES,
+    fused_lars_sgd_supports,
+    lars_sgd,
+    skipped_by_grad_scaler,
+    triton_lars_sgd_supports,
+)
 from torchlars._param_norms import CarriedParamNorms
 
 __all__ = [
@@ -135,7 +141,9 @@ class LARSSGD(Optimizer):
         # takes it when every parameter is one the fused operator steps.
         all_params = [param for group in self.param_groups for param in group["params"]]
         self._step_supports_amp_scaling = bool(fused) or (
-            fused is None and foreach is None and fused_lars_sgd_supports(all_params)
+            fused is None
+            and foreach is None
+            and (fused_lars_sgd_supports(all_params) or triton_lars_sgd_supports(all_params))
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -262,7 +270,7 @@ def wraps_fused_sgd(base: Optimizer) -> bool:
     if type(base) is not torch.optim.SGD or not all(group.get("fused") for group in base.param_groups):
         return False
     adapted = [param for group in base.param_groups if not group.get("lars_exclude", False) for param in group["params"]]
-    return fused_lars_sgd_supports(adapted)
+    return fused_lars_sgd_supports(adapted) or triton_lars_sgd_supports(adapted)
 
 
 _CARRIED_NORMS = "_carried_param_norms"
@@ -403,7 +411,12 @@ def params_with_dense_grads(
     params = [param for param in group["params"] if param.grad is not None]
     grads = [param.grad for param in params]
     adapted = not group.get("lars_exclude", False)
-    if adapted and group.get("fused") and not fused_checked and not fused_lars_sgd_supports(params):
+    if (
+        adapted
+        and group.get("fused")
+        and not fused_checked
+        and not (fused_lars_sgd_supports(params) or triton_lars_sgd_supports(params))
+    ):
         # The check above runs per bucket; find the parameter to name.
         for param_index, param in enumerate(group["params"]):
             if param.grad is not None:
@@ -426,6 +439,8 @@ def check_fused_param(param: Tensor, position: str, owner: str) -> None:
             f"{owner}: `fused=True` steps plain tensors, but {position} is a {type(param).__name__} "
             "(e.g. an FSDP2 shard, whose norm is not its local tensor's). Use fused=None or foreach=True."
         )
+    if triton_lars_sgd_supports([param]):
+        return  # the Triton kernels step it (torchlars._triton)
     if param.device.type != "cpu":
         raise RuntimeError(
             f"{owner}: `fused=True` steps CPU tensors only (liblars's fused operator has no "
