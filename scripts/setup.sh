@@ -2,15 +2,27 @@
 # Set up a machine for torchlars, idempotently: system packages, a Python environment (the
 # active one, else .venv, see _python.sh), torch (kept if there; else the CPU build of
 # $TORCH_VERSION), and torchlars built against that torch with its C++ tests and examples.
+#
+# `setup.sh --demo` (what scripts/demo.sh runs) sets up only what the demo needs: no GoogleTest,
+# Google Benchmark nor pytest, and the build without the C++ tests and examples. Both modes use
+# the same build tree, so a later `setup.sh` (scripts/test.sh) builds only what the demo skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+demo_only=false
+case "${1:-}" in
+    --demo) demo_only=true ;;
+    "") ;;
+    *) echo "setup.sh: unknown argument $1 (the only option is --demo)" >&2; exit 2 ;;
+esac
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_packages=()
 if command -v apt-get >/dev/null; then
-    for package in g++ cmake ninja-build libgtest-dev libbenchmark-dev; do
+    packages=(g++ cmake ninja-build)
+    $demo_only || packages+=(libgtest-dev libbenchmark-dev)
+    for package in "${packages[@]}"; do
         dpkg -s "$package" >/dev/null 2>&1 || apt_packages+=("$package")
     done
     # A system Python needs its venv module and headers from Debian.
@@ -44,10 +56,17 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         || pip_install "torch==$TORCH_VERSION"
 fi
 echo "== torch $("$PY" -W ignore -c 'import torch; print(torch.__version__)')"
-pip_install "scikit-build-core>=0.10" pytest mnist1d matplotlib tqdm
+python_packages=("scikit-build-core>=0.10" mnist1d matplotlib tqdm)
 # One build, kept in $BUILD_DIR (incremental on a rerun): the package, and the C++ tests and
-# examples that scripts/test.sh runs with ctest there.
-echo "== building torchlars"
+# examples that scripts/test.sh runs with ctest there. --demo asks for neither: a fresh tree
+# then builds without them (pip builds default to OFF), and a tree that has them keeps them
+# (CMake keeps the cached options), so switching modes never rebuilds anything.
+build_options=()
+if ! $demo_only; then
+    python_packages+=(pytest)
+    build_options=(--config-settings=cmake.define.LARS_BUILD_TESTS=ON --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON)
+fi
+pip_install "${python_packages[@]}"
+echo "== building torchlars${build_options[*]:+ with its C++ tests and examples}"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip_install --no-build-isolation --no-deps \
-    --config-settings=build-dir="$BUILD_DIR" --config-settings=cmake.define.LARS_BUILD_TESTS=ON \
-    --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON .
+    --config-settings=build-dir="$BUILD_DIR" "${build_options[@]}" .
