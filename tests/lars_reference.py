@@ -58,3 +58,35 @@ class ReferenceLARS:
                     clip=self.clip,
                 )
         self.base.step()
+
+
+# --- The "decayed" and "update" variants (SPEC.md, "Trust-ratio variants") ---------------
+
+
+def reference_decayed_scaled_grad(param, grad, *, weight_decay, lr, eps, trust_coef, clip):
+    """``(g + wd * w) * r`` with the "decayed" ratio ``tc * ||w|| / (||g + wd * w|| + eps)``."""
+    decayed = grad.double() + weight_decay * param.double()
+    param_norm, decayed_norm = param.double().norm().item(), decayed.norm().item()
+    ratio = trust_coef * param_norm / (decayed_norm + eps) if param_norm > 0 and decayed_norm > 0 else 1.0
+    if clip:
+        ratio = min(ratio / float(lr), 1.0)
+    return (decayed * ratio).to(grad.dtype)
+
+
+def reference_update_step(params, base_step, *, lr, eps, trust_coef, clip):
+    """The "update" variant (LAMB) around ``base_step()``, which steps ``params`` with its own
+    weight decay: then ``w <- w_before + r * (w_after - w_before)`` with
+    ``r = tc * ||w_before|| / (||w_after - w_before|| / lr + eps)``. Returns the ratios."""
+    before = [param.detach().double().clone() for param in params]
+    base_step()
+    ratios = []
+    with torch.no_grad():
+        for param, old in zip(params, before):
+            update = param.double() - old
+            param_norm, update_norm = old.norm().item(), update.norm().item() / float(lr)
+            ratio = trust_coef * param_norm / (update_norm + eps) if param_norm > 0 and update_norm > 0 else 1.0
+            if clip:
+                ratio = min(ratio / float(lr), 1.0)
+            param.copy_(old + ratio * update)
+            ratios.append(ratio)
+    return ratios

@@ -138,7 +138,7 @@ def test_zero_grad(set_to_none):
 def test_settings_and_repr():
     lars_cpp = cpp.LARS([torch.nn.Parameter(torch.randn(2))], "rmsprop", 1e-6, 0.01, clip=True)
     assert (lars_cpp.eps, lars_cpp.trust_coef, lars_cpp.clip) == (1e-6, 0.01, True)
-    assert repr(lars_cpp) == "torchlars.cpp.LARS(base='rmsprop', eps=1e-06, trust_coef=0.01, clip=True)"
+    assert repr(lars_cpp) == "torchlars.cpp.LARS(base='rmsprop', eps=1e-06, trust_coef=0.01, clip=True, trust_ratio='paper')"
 
 
 @pytest.mark.parametrize(
@@ -225,3 +225,79 @@ def test_steps_from_several_threads_run_one_at_a_time():
         worker.join()
     assert torch.equal(params[1].grad, params[0].grad)
     assert torch.equal(params[1], params[0])
+
+
+# --- trust_ratio="paper" | "decayed" | "update", and trust_ratios() -----------------------
+
+from lars_reference import reference_decayed_scaled_grad, reference_scaled_grad, reference_update_step  # noqa: E402
+
+VARIANT_BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2, eps=1e-6)),
+}
+
+
+def reference_steps(model, optim_cls, options, data, trust_ratio, clip):
+    """Per-parameter LARS of the given variant around torch.optim's base, in fp64 norms."""
+    lars = dict(eps=1e-8, trust_coef=0.02, clip=clip)
+    params = list(model.parameters())
+    kept_decay = trust_ratio == "update"
+    base = optim_cls(params, foreach=False, **{**options, "weight_decay": options["weight_decay"] if kept_decay else 0.0})
+    ratios = None
+    for x, y in data:
+        base.zero_grad()
+        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        if kept_decay:
+            ratios = reference_update_step(params, base.step, lr=options["lr"], **lars)
+            continue
+        scale = reference_scaled_grad if trust_ratio == "paper" else reference_decayed_scaled_grad
+        for param in params:
+            param.grad = scale(param.detach(), param.grad, weight_decay=options["weight_decay"], lr=options["lr"], **lars)
+        base.step()
+    return ratios
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
+@pytest.mark.parametrize("base", sorted(VARIANT_BASES))
+@pytest.mark.parametrize("trust_ratio", ["paper", "decayed", "update"])
+def test_trust_ratio_variants_match_the_reference(trust_ratio, base, clip, dtype):
+    optim_cls, options = VARIANT_BASES[base]
+    reference_model = make_model(dtype)
+    cpp_model = copy.deepcopy(reference_model)
+    lars_cpp = cpp.LARS(cpp_model.parameters(), base, eps=1e-8, trust_coef=0.02, clip=clip, trust_ratio=trust_ratio,
+                        **cpp_options(options))
+    assert lars_cpp.trust_ratio == trust_ratio and lars_cpp.trust_ratios() == {}
+    data = batches(dtype, steps=4)
+    update_ratios = reference_steps(reference_model, optim_cls, options, data, trust_ratio, clip)
+    train(cpp_model, lars_cpp, data)
+    tolerance = dict(rtol=1e-2, atol=4e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for cpp_param, reference_param in zip(cpp_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(cpp_param, reference_param, **tolerance)
+    ratios = lars_cpp.trust_ratios()
+    assert list(ratios) == list(cpp_model.parameters())
+    assert all(r.dim() == 0 and r.dtype == torch.float32 for r in ratios.values())
+    if update_ratios is not None and dtype != torch.bfloat16:
+        torch.testing.assert_close(torch.stack(list(ratios.values())).double(), torch.tensor(update_ratios, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_an_unknown_trust_ratio_is_refused_by_name():
+    with pytest.raises(ValueError, match="torchlars.cpp.LARS: trust_ratio must be 'paper', 'decayed' or 'update', got 'lamb'"):
+        cpp.LARS([torch.nn.Parameter(torch.randn(2))], "sgd", lr=0.1, trust_ratio="lamb")
+    with pytest.raises(TypeError, match="`trust_ratio` must be a str"):
+        cpp.LARS([torch.nn.Parameter(torch.randn(2))], "sgd", lr=0.1, trust_ratio=1)
+
+
+def test_update_accepts_a_base_weight_decay_and_keeps_it_the_bases():
+    # With "update" LARS takes nothing from the base; around plain SGD without momentum the
+    # update is -lr * (g + wd * w), so the ratio's denominator holds the decay.
+    param = torch.nn.Parameter(torch.randn(20))
+    grad = torch.randn(20)
+    lars_cpp = cpp.LARS([param], "sgd", lr=0.1, weight_decay=0.5, trust_coef=0.02, eps=0.0, trust_ratio="update")
+    before = param.detach().clone()
+    param.grad = grad.clone()
+    lars_cpp.step()
+    update = (grad + 0.5 * before).double()
+    ratio = 0.02 * before.double().norm() / update.norm()
+    torch.testing.assert_close(param.detach().double(), before.double() - 0.1 * ratio * update, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lars_cpp.trust_ratios()[param].double(), ratio, rtol=1e-6, atol=0)

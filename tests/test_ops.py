@@ -612,3 +612,114 @@ def test_every_cpu_capability_gives_the_same_bits(tmp_path):
     for k in range(3):  # carried == recomputed, in each dtype
         norms, recomputed = native[8 * k + 6], native[8 * k + 7]
         torch.testing.assert_close(norms, recomputed, rtol=0, atol=0)
+
+
+# --- trust_ratio="decayed" and the trust_ratios out argument ----------------------------
+
+from lars_reference import reference_decayed_scaled_grad  # noqa: E402
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_fused_decayed_step_matches_the_reference_and_writes_its_ratios(dtype, maximize):
+    # The reference: the decayed gradient of each parameter (fp64 norms), then torch's SGD.
+    options = SGD_OPTIONS["dampening"] | dict(weight_decay=1e-2)
+    params = fused_params(dtype)
+    fused = [param.clone() for param in params]
+    buffers = [torch.empty_like(param) for param in params]
+    norms = torch.ops.torchlars.lars_param_norms(fused)
+    reference = [param.clone().float().requires_grad_() for param in params]
+    sgd = torch.optim.SGD(reference, lr=0.1, foreach=False, **(options | dict(weight_decay=0.0)))
+    for step in range(3):
+        grads = fused_grads(params, step)
+        ratios = torch.full((len(params),), float("nan"))
+        torch.ops.torchlars.lars_sgd_(
+            fused, grads, buffers, norms, lr=torch.tensor(0.1), maximize=maximize, is_first_step=step == 0, clip=False,
+            trust_ratio="decayed", trust_ratios=ratios, **FUSED_LARS, **options,
+        )
+        expected_ratios = []
+        for param, grad in zip(reference, grads):
+            signed = -grad.float() if maximize else grad.float()
+            param.grad = reference_decayed_scaled_grad(
+                param.detach(), signed, weight_decay=options["weight_decay"], lr=0.1, clip=False, **FUSED_LARS)
+            decayed = signed.double() + options["weight_decay"] * param.detach().double()
+            expected_ratios.append(1.0 if param.detach().norm() == 0 else
+                                   FUSED_LARS["trust_coef"] * param.detach().double().norm().item()
+                                   / (decayed.norm().item() + FUSED_LARS["eps"]))
+        sgd.step()
+        if dtype != torch.bfloat16:
+            torch.testing.assert_close(ratios.double(), torch.tensor(expected_ratios, dtype=torch.float64), rtol=1e-5, atol=0)
+        if dtype == torch.bfloat16:  # the reference steps in fp32: round it as the kernel stores
+            with torch.no_grad():
+                for param in reference:
+                    param.copy_(param.bfloat16())
+    tolerance = dict(rtol=2**-7, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for actual, expected in zip(fused, reference):
+        torch.testing.assert_close(actual.float(), expected.detach(), **tolerance)
+    assert not torch.equal(fused[0], params[0])
+
+
+def test_fused_paper_ratios_are_the_formula():
+    params = fused_params()
+    grads = fused_grads(params, 0)
+    ratios = torch.empty(len(params))
+    norms = torch.ops.torchlars.lars_param_norms(params)
+    expected = trust_ratio_of(norms, torch.ops.torchlars.lars_param_norms(grads), 1e-4)
+    torch.ops.torchlars.lars_sgd_(
+        [p.clone() for p in params], grads, [torch.empty_like(p) for p in params], norms, lr=torch.tensor(0.1),
+        maximize=False, is_first_step=True, clip=False, trust_ratios=ratios, **FUSED_LARS, **SGD_OPTIONS["momentum"],
+    )
+    torch.testing.assert_close(ratios, expected, rtol=1e-6, atol=0)
+
+
+def trust_ratio_of(param_norms, grad_norms, weight_decay):
+    ratio = FUSED_LARS["trust_coef"] * param_norms / (grad_norms + weight_decay * param_norms + FUSED_LARS["eps"])
+    return torch.where((param_norms > 0) & (grad_norms > 0), ratio, torch.ones_like(ratio))
+
+
+@pytest.mark.parametrize("trust_ratio", ["paper", "decayed"])
+@pytest.mark.parametrize("dtypes", sorted(DTYPES))
+def test_operator_returns_the_ratios_it_used(dtypes, trust_ratio):
+    params, grads = tensors(DTYPES[dtypes])
+    scaled = [grad.clone() for grad in grads]
+    ratios = ops.lars_scale_gradients_(params, scaled, lr=0.1, clip=False, trust_ratio=trust_ratio, **SETTINGS)
+    assert ratios.dtype == torch.float32 and ratios.shape == (len(params),)
+    for param, grad, got, ratio in zip(params, grads, scaled, ratios):
+        tolerance = dict(rtol=1e-2, atol=1e-3) if param.dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-5, atol=1e-6)
+        if trust_ratio == "decayed":
+            want = reference_decayed_scaled_grad(param, grad, lr=0.1, clip=False, **SETTINGS)
+            torch.testing.assert_close(got, want, **tolerance)
+        # The ratio returned is the one the gradient was scaled with.
+        torch.testing.assert_close(
+            got.double(), ((grad.double() + SETTINGS["weight_decay"] * param.double()) * ratio.double()).to(got.dtype).double(),
+            **tolerance)
+
+
+def test_operator_refuses_update_and_unknown_variants():
+    params, grads = tensors(DTYPES["fp32"])
+    with pytest.raises(ValueError, match="trust_ratio='update' scales the base's update"):
+        ops.lars_scale_gradients_(params, grads, lr=0.1, clip=False, trust_ratio="update", **SETTINGS)
+    with pytest.raises(ValueError, match="trust_ratio must be 'paper', 'decayed' or 'update', got 'lamb'"):
+        ops.lars_scale_gradients_(params, grads, lr=0.1, clip=False, trust_ratio="lamb", **SETTINGS)
+    with pytest.raises(RuntimeError, match="trust_ratios must be a 1-D fp32 CPU tensor of 4 ratios"):
+        torch.ops.torchlars.lars_sgd_(
+            params, grads, [], torch.ops.torchlars.lars_param_norms(params), lr=torch.tensor(0.1), maximize=False,
+            is_first_step=True, clip=False, trust_ratios=torch.empty(3), **FUSED_LARS, **SGD_OPTIONS["no_momentum"])
+
+
+@pytest.mark.parametrize("trust_ratio", ["paper", "decayed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_with_trust_ratio_and_trust_ratios(dtype, trust_ratio):
+    params = fused_params(dtype)
+    torch.library.opcheck(
+        torch.ops.torchlars.lars_sgd_.default,
+        (params, fused_grads(params, 0), [torch.zeros_like(p) for p in params], torch.ops.torchlars.lars_param_norms(params)),
+        dict(lr=torch.tensor(0.1), maximize=True, is_first_step=False, clip=True, trust_ratio=trust_ratio,
+             trust_ratios=torch.empty(len(params)), **FUSED_LARS, **SGD_OPTIONS["nesterov"]),
+    )
+    params, grads = tensors([dtype] * 4)
+    torch.library.opcheck(
+        torch.ops.torchlars.lars_scale_gradients_.default,
+        (params, grads),
+        dict(lr=torch.tensor(0.5), clip=False, trust_ratio=trust_ratio, trust_ratios=torch.empty(4), **SETTINGS),
+    )

@@ -195,6 +195,16 @@ class LockedLARS {
   // Set at construction and never changed by a step.
   const lars::LARSOptions& options() const { return lars_->options(); }
 
+  // {parameter: 0-dim fp32 tensor}, as torchlars.LARS.trust_ratios() gives it.
+  py::dict trust_ratios() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    py::dict ratios;
+    for (const auto& [param, ratio] : lars_->trust_ratios()) {
+      ratios[py::cast(param)] = py::cast(ratio);
+    }
+    return ratios;
+  }
+
  private:
   std::mutex mutex_;
   std::unique_ptr<lars::LARS> lars_;
@@ -265,6 +275,7 @@ PYBIND11_MODULE(_C, m) {
                       double eps,
                       double trust_coef,
                       bool clip,
+                      const std::string& trust_ratio,
                       std::vector<size_t> excluded_param_groups) {
             return std::make_unique<LockedLARS>(std::make_unique<lars::LARS>(
                 make_base(base, groups, base_defaults),
@@ -272,6 +283,7 @@ PYBIND11_MODULE(_C, m) {
                     .eps(eps)
                     .trust_coef(trust_coef)
                     .clip(clip)
+                    .trust_ratio(lars::parse_trust_ratio(trust_ratio, "torchlars.cpp.LARS"))
                     .excluded_param_groups(std::move(excluded_param_groups))));
           }),
           py::arg("param_groups"),
@@ -280,7 +292,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("eps"),
           py::arg("trust_coef"),
           py::arg("clip"),
+          py::arg("trust_ratio"),
           py::arg("excluded_param_groups"))
+      .def("trust_ratios", &LockedLARS::trust_ratios)
       .def("step", &LockedLARS::step, py::call_guard<py::gil_scoped_release>())
       .def(
           "zero_grad",
@@ -289,5 +303,7 @@ PYBIND11_MODULE(_C, m) {
           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("eps", [](const LockedLARS& self) { return self.options().eps(); })
       .def_property_readonly("trust_coef", [](const LockedLARS& self) { return self.options().trust_coef(); })
-      .def_property_readonly("clip", [](const LockedLARS& self) { return self.options().clip(); });
+      .def_property_readonly("clip", [](const LockedLARS& self) { return self.options().clip(); })
+      .def_property_readonly(
+          "trust_ratio", [](const LockedLARS& self) { return lars::trust_ratio_name(self.options().trust_ratio()); });
 }

@@ -10,16 +10,44 @@
 
 namespace lars {
 
+TrustRatio parse_trust_ratio(c10::string_view name, const char* who) {
+  if (name == "paper") {
+    return TrustRatio::kPaper;
+  }
+  if (name == "decayed") {
+    return TrustRatio::kDecayed;
+  }
+  TORCH_CHECK_VALUE(
+      name == "update", who, ": trust_ratio must be 'paper', 'decayed' or 'update', got '", name, "'");
+  return TrustRatio::kUpdate;
+}
+
+const char* trust_ratio_name(TrustRatio variant) {
+  switch (variant) {
+    case TrustRatio::kPaper:
+      return "paper";
+    case TrustRatio::kDecayed:
+      return "decayed";
+    case TrustRatio::kUpdate:
+      return "update";
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown lars::TrustRatio");
+}
+
 at::Tensor trust_ratio(
     const at::Tensor& param_norms,
-    const at::Tensor& grad_norms,
+    const at::Tensor& norms,
     double weight_decay,
     const at::Tensor& lr,
     double eps,
     double trust_coef,
-    bool clip) {
-  at::Tensor ratio = trust_coef * param_norms / (grad_norms + weight_decay * param_norms + eps);
-  ratio = at::where((param_norms > 0) & (grad_norms > 0), ratio, at::ones_like(ratio));
+    bool clip,
+    TrustRatio variant) {
+  // "decayed" and "update" divide by their norm alone: the decay is in it, or in the base.
+  const at::Tensor denominator =
+      variant == TrustRatio::kPaper ? norms + weight_decay * param_norms + eps : norms + eps;
+  at::Tensor ratio = trust_coef * param_norms / denominator;
+  ratio = at::where((param_norms > 0) & (norms > 0), ratio, at::ones_like(ratio));
   if (clip) {
     ratio = at::clamp_max(ratio / lr, 1.0);
   }
@@ -28,15 +56,16 @@ at::Tensor trust_ratio(
 
 double trust_ratio(
     double param_norm,
-    double grad_norm,
+    double norm,
     double weight_decay,
     double lr,
     double eps,
     double trust_coef,
-    bool clip) {
-  double ratio = param_norm > 0 && grad_norm > 0
-      ? trust_coef * param_norm / (grad_norm + weight_decay * param_norm + eps)
-      : 1.0;
+    bool clip,
+    TrustRatio variant) {
+  const double denominator =
+      variant == TrustRatio::kPaper ? norm + weight_decay * param_norm + eps : norm + eps;
+  double ratio = param_norm > 0 && norm > 0 ? trust_coef * param_norm / denominator : 1.0;
   if (clip) {
     ratio = std::min(ratio / lr, 1.0);
   }
@@ -51,6 +80,7 @@ struct DeviceDtypeGroup {
   c10::ScalarType dtype;
   std::vector<at::Tensor> params;
   std::vector<at::Tensor> grads;
+  std::vector<int64_t> indices; // of params and grads in the lists given
 };
 
 std::vector<DeviceDtypeGroup> group_by_device_and_dtype(at::TensorList params, at::TensorList grads) {
@@ -75,23 +105,21 @@ std::vector<DeviceDtypeGroup> group_by_device_and_dtype(at::TensorList params, a
       return g.device == param.device() && g.dtype == param.scalar_type();
     });
     if (group == groups.end()) {
-      group = groups.insert(groups.end(), {param.device(), param.scalar_type(), {}, {}});
+      group = groups.insert(groups.end(), {param.device(), param.scalar_type(), {}, {}, {}});
     }
     group->params.push_back(param);
     group->grads.push_back(grad);
+    group->indices.push_back(static_cast<int64_t>(i));
   }
   return groups;
 }
 
-// The L2 norms of `params` and of `grads` (all of `dtype`), each stacked into one tensor.
-std::pair<at::Tensor, at::Tensor> param_and_grad_norms(
-    at::TensorList params, at::TensorList grads, c10::ScalarType dtype) {
-  // Half-precision norms are accumulated (and returned) in fp32.
+// The L2 norms of `tensors` (all of `dtype`), stacked into one tensor; half-precision norms
+// are accumulated (and returned) in fp32.
+at::Tensor norms_of(at::TensorList tensors, c10::ScalarType dtype) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   const auto norm_dtype = half ? std::optional<c10::ScalarType>(at::kFloat) : std::nullopt;
-  at::Tensor param_norms = at::stack(at::_foreach_norm(params, 2, norm_dtype));
-  at::Tensor grad_norms = at::stack(at::_foreach_norm(grads, 2, norm_dtype));
-  return {std::move(param_norms), std::move(grad_norms)};
+  return at::stack(at::_foreach_norm(tensors, 2, norm_dtype));
 }
 
 // Elements per block of cpu_blocks: 1 MiB of fp32 gradient plus as much parameter stays in a
@@ -133,35 +161,48 @@ std::vector<Block> cpu_blocks(at::TensorList params, at::TensorList grads, const
   return blocks;
 }
 
-// g = (g + weight_decay * w) * r for tensors of one device and dtype, given their norms.
-void scale_by_trust_ratio_(
+// g = (g + weight_decay * w) * r for tensors of one device and dtype; returns the ratios.
+at::Tensor scale_by_trust_ratio_(
     at::TensorList params,
     at::TensorList grads,
-    const at::Tensor& param_norms,
-    const at::Tensor& grad_norms,
+    c10::ScalarType dtype,
     double weight_decay,
     const at::Tensor& lr,
     double eps,
     double trust_coef,
-    bool clip) {
+    bool clip,
+    TrustRatio variant) {
+  const at::Tensor param_norms = norms_of(params, dtype);
+  if (variant == TrustRatio::kDecayed) {
+    // The norm of the decayed gradient, which is what gets scaled: decay first, in place.
+    if (weight_decay != 0) {
+      at::_foreach_add_(grads, params, weight_decay);
+    }
+    const at::Tensor ratios =
+        trust_ratio(param_norms, norms_of(grads, dtype), weight_decay, lr, eps, trust_coef, clip, variant);
+    at::_foreach_mul_(grads, ratios.unbind(0));
+    return ratios;
+  }
   // Kept in the norms' dtype, fp32 for fp16/bf16 gradients: the multiply then runs in fp32 and
   // rounds once, instead of every layer's step being off by the ratio's rounding (0.4% in bf16).
-  const std::vector<at::Tensor> ratios =
-      trust_ratio(param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip).unbind(0);
+  const at::Tensor ratios =
+      trust_ratio(param_norms, norms_of(grads, dtype), weight_decay, lr, eps, trust_coef, clip, variant);
+  const std::vector<at::Tensor> unbound = ratios.unbind(0);
   if (weight_decay == 0) {
-    at::_foreach_mul_(grads, ratios);
-    return;
+    at::_foreach_mul_(grads, unbound);
+    return ratios;
   }
   // On the CPU, adding the decay and multiplying one cache-sized block at a time reads and
   // writes each gradient from memory once instead of twice. (On a GPU, blocks would multiply
   // the kernel launches.)
   const auto blocks = grads[0].device().is_cpu()
-      ? cpu_blocks(params, grads, ratios)
-      : std::vector<Block>{{params.vec(), grads.vec(), ratios}};
+      ? cpu_blocks(params, grads, unbound)
+      : std::vector<Block>{{params.vec(), grads.vec(), unbound}};
   for (const auto& block : blocks) {
     at::_foreach_add_(block.grads, block.params, weight_decay);
     at::_foreach_mul_(block.grads, block.ratios);
   }
+  return ratios;
 }
 
 } // namespace
@@ -173,11 +214,42 @@ void lars_scale_gradients_(
     const at::Tensor& lr,
     double eps,
     double trust_coef,
-    bool clip) {
-  for (const auto& group : group_by_device_and_dtype(params, grads)) {
-    const auto [param_norms, grad_norms] = param_and_grad_norms(group.params, group.grads, group.dtype);
-    scale_by_trust_ratio_(
-        group.params, group.grads, param_norms, grad_norms, weight_decay, lr, eps, trust_coef, clip);
+    bool clip,
+    TrustRatio variant,
+    const std::optional<at::Tensor>& trust_ratios) {
+  TORCH_CHECK_VALUE(
+      variant != TrustRatio::kUpdate,
+      "lars_scale_gradients_: trust_ratio='update' scales the base's update, not the gradient; "
+      "use 'paper' or 'decayed' (lars::LARS steps 'update' itself)");
+  const std::vector<DeviceDtypeGroup> groups = group_by_device_and_dtype(params, grads);
+  if (trust_ratios) {
+    const at::Tensor& out = *trust_ratios;
+    TORCH_CHECK(
+        out.scalar_type() == at::kFloat && out.dim() == 1 && out.size(0) == static_cast<int64_t>(params.size()),
+        "lars_scale_gradients_: trust_ratios must be a 1-D fp32 tensor of ", params.size(), " ratios, got ",
+        out.scalar_type(), out.sizes());
+    for (const auto& group : groups) {
+      TORCH_CHECK(
+          group.device == out.device(), "lars_scale_gradients_: trust_ratios is on ", out.device(),
+          " but params[", group.indices[0], "] is on ", group.device,
+          "; pass the params of one device, or no trust_ratios");
+    }
+  }
+  for (const auto& group : groups) {
+    const at::Tensor ratios = scale_by_trust_ratio_(
+        group.params, group.grads, group.dtype, weight_decay, lr, eps, trust_coef, clip, variant);
+    if (!trust_ratios) {
+      continue;
+    }
+    if (groups.size() == 1) {
+      trust_ratios->copy_(ratios);
+    } else { // one copy per ratio on the CPU, one kernel per group on a GPU
+      std::vector<at::Tensor> slots;
+      for (const int64_t index : group.indices) {
+        slots.push_back(trust_ratios->select(0, index));
+      }
+      at::_foreach_copy_(slots, ratios.to(at::kFloat).unbind(0));
+    }
   }
 }
 

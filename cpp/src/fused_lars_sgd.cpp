@@ -130,7 +130,9 @@ void lars_sgd_(
     bool clip,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
-    bool recompute_param_norms) {
+    bool recompute_param_norms,
+    TrustRatio variant,
+    const std::optional<at::Tensor>& trust_ratios) {
   // Every check before anything is written: a refused step modifies nothing.
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, "lars_sgd_: got ", n, " params but ", grads.size(), " grads");
@@ -143,6 +145,18 @@ void lars_sgd_(
           param_norms.size(0) == static_cast<int64_t>(n),
       "lars_sgd_: param_norms must be a 1-D fp32 CPU tensor of ", n, " norms, got ",
       param_norms.scalar_type(), param_norms.sizes(), " on ", param_norms.device());
+  TORCH_CHECK_VALUE(
+      variant != TrustRatio::kUpdate,
+      "lars_sgd_: trust_ratio must be 'paper' or 'decayed'; 'update' scales the base's whole update, "
+      "which lars::LARS (and torchlars.LARS) step around any base");
+  if (trust_ratios) {
+    const at::Tensor& out = *trust_ratios;
+    TORCH_CHECK(
+        out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 1 &&
+            out.size(0) == static_cast<int64_t>(n),
+        "lars_sgd_: trust_ratios must be a 1-D fp32 CPU tensor of ", n, " ratios, got ", out.scalar_type(),
+        out.sizes(), " on ", out.device());
+  }
   TORCH_CHECK(
       at::isFloatingType(lr.scalar_type()), "lars_sgd_: lr must be a floating-point tensor, got ",
       lr.scalar_type());
@@ -158,7 +172,7 @@ void lars_sgd_(
   }
   const SgdOptions options{
       cpu_scalar(lr, "lr"), weight_decay, momentum, dampening, nesterov, maximize, is_first_step,
-      eps, trust_coef, clip, recompute_param_norms};
+      eps, trust_coef, clip, recompute_param_norms, variant};
   const std::optional<double> scale =
       grad_scale ? std::optional<double>(cpu_scalar(*grad_scale, "grad_scale")) : std::nullopt;
   if (n == 0) {
@@ -182,15 +196,16 @@ void lars_sgd_(
         dense_like(grads[i], param),
         momentum != 0 ? dense_like(momentum_buffers[i], param) : at::Tensor()});
   }
+  const at::Tensor out_ratios = trust_ratios ? *trust_ratios : at::Tensor();
   switch (capability()) {
     case Capability::kAvx512:
-      fused_kernel::cpu_avx512::lars_sgd(slots, param_norms, options, scale);
+      fused_kernel::cpu_avx512::lars_sgd(slots, param_norms, out_ratios, options, scale);
       break;
     case Capability::kAvx2:
-      fused_kernel::cpu_avx2::lars_sgd(slots, param_norms, options, scale);
+      fused_kernel::cpu_avx2::lars_sgd(slots, param_norms, out_ratios, options, scale);
       break;
     case Capability::kDefault:
-      fused_kernel::cpu_default::lars_sgd(slots, param_norms, options, scale);
+      fused_kernel::cpu_default::lars_sgd(slots, param_norms, out_ratios, options, scale);
       break;
   }
   // Written in place, as by in-place ATen ops: their version counters say so (autograd, and
@@ -210,6 +225,9 @@ void lars_sgd_(
     }
   }
   param_norms.unsafeGetTensorImpl()->bump_version();
+  if (trust_ratios) {
+    trust_ratios->unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 } // namespace lars

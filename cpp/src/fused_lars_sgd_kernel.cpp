@@ -2,7 +2,8 @@
 // per CPU capability (fused_lars_sgd_kernel.h). They have the shape of ATen's fused SGD
 // kernel (aten/src/ATen/native/cpu/FusedSGDKernel.cpp): at::vec, fp32 arithmetic for half
 // types, at::parallel_for over fixed-size chunks, grad_scale folded in; and two additions,
-// the gradient norm before the update and the parameter norm during it.
+// the norm the trust ratio divides by (of g, or of the decayed g + wd * w) before the update,
+// and the parameter norm during it.
 //
 // Norms are summed in an order fixed by the tensor's size alone: kLanes partial sums per
 // chunk of kChunkNumel elements, the lanes then the chunks added in index order (and the
@@ -226,35 +227,65 @@ float norm_from_partials(const std::vector<opmath_t>& partials, size_t first, si
   return static_cast<float>(std::sqrt(sum));
 }
 
-// The sum of squares of grad[begin, end), divided by `scale` first if not null, and with
-// kWithParam that of param[begin, end) too, in one loop over both: each summed in the order in
-// which it would be alone.
-template <bool kWithParam, typename scalar_t>
+// How the first pass makes, from g, the vector whose norm the trust ratio divides by: g
+// divided by the loss scale (if any) for "paper"; for "decayed" also negated if maximising
+// and decayed, d = g + weight_decay * w, the very values the update then scales.
+template <typename opmath_t>
+struct NormedGradient {
+  const opmath_t* scale; // null without a loss scale
+  bool decayed;
+  bool maximize;
+  opmath_t weight_decay;
+};
+
+// The sum of squares of grad[begin, end), made as `normed` says, and with kWithParam that of
+// param[begin, end) too, in one loop over both: each summed in the order in which it would be
+// alone.
+template <bool kWithParam, bool kDecayed, typename scalar_t>
 std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> chunk_square_sums(
-    const scalar_t* grad, const scalar_t* param, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
+    const scalar_t* grad,
+    const scalar_t* param,
+    int64_t begin,
+    int64_t end,
+    const NormedGradient<at::opmath_type<scalar_t>>& normed) {
+  using opmath_t = at::opmath_type<scalar_t>;
   using Vec = typename Lanes<scalar_t>::Vec;
   SquareSum<scalar_t> grad_sum;
   SquareSum<scalar_t> param_sum;
-  const bool unscale = scale != nullptr;
-  const Vec divisor(unscale ? *scale : at::opmath_type<scalar_t>(1));
+  const bool unscale = normed.scale != nullptr;
+  const Vec divisor(unscale ? *normed.scale : opmath_t(1));
+  const bool maximize = normed.maximize;
+  const bool decay = normed.weight_decay != 0;
+  const Vec weight_decay(normed.weight_decay);
   for_each_block(begin, end, [&](int64_t i, auto count) {
     Lanes<scalar_t> g = Lanes<scalar_t>::load(grad + i, count);
     if (unscale) {
       g = map(g, [&](const Vec& v) { return v / divisor; });
     }
-    grad_sum.add(g, count);
-    if constexpr (kWithParam) {
-      param_sum.add(Lanes<scalar_t>::load(param + i, count), count);
+    if constexpr (kWithParam || kDecayed) {
+      const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
+      if constexpr (kDecayed) { // as update_chunk makes d, to the bit
+        if (maximize) {
+          g = map(g, [](const Vec& v) { return v.neg(); });
+        }
+        if (decay) {
+          g = map(g, w, [&](const Vec& v, const Vec& p) { return v + weight_decay * p; });
+        }
+      }
+      if constexpr (kWithParam) {
+        param_sum.add(w, count);
+      }
     }
+    grad_sum.add(g, count);
   });
   return {grad_sum.total(), kWithParam ? param_sum.total() : 0};
 }
 
-// The sum of squares of data[begin, end), divided by `scale` first if not null.
+// The sum of squares of data[begin, end).
 template <typename scalar_t>
-at::opmath_type<scalar_t> chunk_square_sum(
-    const scalar_t* data, int64_t begin, int64_t end, const at::opmath_type<scalar_t>* scale) {
-  return chunk_square_sums<false>(data, static_cast<const scalar_t*>(nullptr), begin, end, scale).first;
+at::opmath_type<scalar_t> chunk_square_sum(const scalar_t* data, int64_t begin, int64_t end) {
+  const NormedGradient<at::opmath_type<scalar_t>> plain{nullptr, false, false, 0};
+  return chunk_square_sums<false, false>(data, static_cast<const scalar_t*>(nullptr), begin, end, plain).first;
 }
 
 // Walks memory in order: the tensors are dense (fused_lars_sgd.cpp sees to it).
@@ -328,6 +359,7 @@ template <typename scalar_t>
 void lars_sgd_typed(
     const std::vector<Slot>& slots,
     const at::Tensor& param_norms,
+    const at::Tensor& trust_ratios,
     const SgdOptions& options,
     const std::optional<double>& grad_scale) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -335,6 +367,9 @@ void lars_sgd_typed(
   const opmath_t* scale_ptr = grad_scale ? &scale : nullptr;
   auto norms = param_norms.accessor<float, 1>();
   const bool recompute = options.recompute_param_norms;
+  const bool decayed = options.variant == TrustRatio::kDecayed;
+  const NormedGradient<opmath_t> normed{
+      scale_ptr, decayed, options.maximize, static_cast<opmath_t>(options.weight_decay)};
   std::vector<int64_t> numels;
   for (const auto& slot : slots) {
     numels.push_back(slot.param.numel());
@@ -356,11 +391,18 @@ void lars_sgd_typed(
       for (int64_t c = begin; c < end; ++c) {
         const Chunk& chunk = chunks[c];
         const Slot& slot = slots[chunk.tensor];
-        if (recompute) {
-          std::tie(partials[c], param_partials[c]) = chunk_square_sums<true>(
-              data_of<scalar_t>(slot.grad), data_of<scalar_t>(slot.param), chunk.begin, chunk.end, scale_ptr);
+        const scalar_t* grad = data_of<scalar_t>(slot.grad);
+        const scalar_t* param = data_of<scalar_t>(slot.param);
+        if (recompute && decayed) {
+          std::tie(partials[c], param_partials[c]) =
+              chunk_square_sums<true, true>(grad, param, chunk.begin, chunk.end, normed);
+        } else if (recompute) {
+          std::tie(partials[c], param_partials[c]) =
+              chunk_square_sums<true, false>(grad, param, chunk.begin, chunk.end, normed);
+        } else if (decayed) {
+          partials[c] = chunk_square_sums<false, true>(grad, param, chunk.begin, chunk.end, normed).first;
         } else {
-          partials[c] = chunk_square_sum(data_of<scalar_t>(slot.grad), chunk.begin, chunk.end, scale_ptr);
+          partials[c] = chunk_square_sums<false, false>(grad, param, chunk.begin, chunk.end, normed).first;
         }
       }
     });
@@ -372,7 +414,11 @@ void lars_sgd_typed(
       }
       const double grad_norm = norm_from_partials(partials, c, next);
       ratios[i] = static_cast<opmath_t>(trust_ratio(
-          norms[i], grad_norm, options.weight_decay, options.lr, options.eps, options.trust_coef, options.clip));
+          norms[i], grad_norm, options.weight_decay, options.lr, options.eps, options.trust_coef, options.clip,
+          options.variant));
+      if (trust_ratios.defined()) {
+        trust_ratios.accessor<float, 1>()[i] = static_cast<float>(ratios[i]);
+      }
       c = next;
     }
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -404,7 +450,7 @@ void param_norms_typed(const std::vector<at::Tensor>& tensors, const at::Tensor&
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk& chunk = chunks[c];
-      partials[c] = chunk_square_sum<scalar_t>(data_of<scalar_t>(tensors[chunk.tensor]), chunk.begin, chunk.end, nullptr);
+      partials[c] = chunk_square_sum<scalar_t>(data_of<scalar_t>(tensors[chunk.tensor]), chunk.begin, chunk.end);
     }
   });
   auto out = norms.accessor<float, 1>();
@@ -421,10 +467,11 @@ void param_norms_typed(const std::vector<at::Tensor>& tensors, const at::Tensor&
 void lars_sgd(
     const std::vector<Slot>& slots,
     const at::Tensor& param_norms,
+    const at::Tensor& trust_ratios,
     const SgdOptions& options,
     const std::optional<double>& grad_scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, slots[0].param.scalar_type(), "lars_sgd_", [&] {
-    lars_sgd_typed<scalar_t>(slots, param_norms, options, grad_scale);
+    lars_sgd_typed<scalar_t>(slots, param_norms, trust_ratios, options, grad_scale);
   });
 }
 

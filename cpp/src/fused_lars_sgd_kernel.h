@@ -6,6 +6,8 @@
 // ATen's own AVX2 and AVX-512 builds. fused_lars_sgd.cpp checks the arguments and picks one
 // at run time, as torch picks its own kernels. All give the same numbers.
 
+#include <lars/functional.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -32,13 +34,16 @@ struct SgdOptions {
   double trust_coef;
   bool clip;
   bool recompute_param_norms;
+  TrustRatio variant;
 };
 
-// The step of `slots` (one dtype); writes the new norms into `param_norms` (fp32, CPU).
+// The step of `slots` (one dtype); writes the new norms into `param_norms` and, if defined,
+// the ratios into `trust_ratios` (both fp32, CPU).
 #define LARS_FUSED_KERNEL_DECLARATIONS                                                   \
   void lars_sgd(                                                                          \
       const std::vector<Slot>& slots,                                                     \
       const at::Tensor& param_norms,                                                      \
+      const at::Tensor& trust_ratios,                                                     \
       const SgdOptions& options,                                                          \
       const std::optional<double>& grad_scale);                                           \
   /* The norms of dense `tensors` (one dtype) into `norms` (fp32, CPU). */               \

@@ -23,36 +23,14 @@
 
 namespace lars {
 
-LARSOptions& LARSOptions::eps(double eps) {
-  TORCH_CHECK_VALUE(eps >= 0, "lars::LARSOptions: eps must be non-negative, got ", eps);
-  eps_ = eps;
-  return *this;
-}
-
-LARSOptions& LARSOptions::trust_coef(double trust_coef) {
-  TORCH_CHECK_VALUE(
-      trust_coef >= 0, "lars::LARSOptions: trust_coef must be non-negative, got ", trust_coef);
-  trust_coef_ = trust_coef;
-  return *this;
-}
-
-LARSOptions& LARSOptions::clip(bool clip) {
-  clip_ = clip;
-  return *this;
-}
-
-LARSOptions& LARSOptions::excluded_param_groups(std::vector<size_t> excluded_param_groups) {
-  excluded_param_groups_ = std::move(excluded_param_groups);
-  return *this;
-}
-
 void LARSOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  archive.write("eps", eps_);
-  archive.write("trust_coef", trust_coef_);
-  archive.write("clip", clip_);
+  archive.write("eps", eps());
+  archive.write("trust_coef", trust_coef());
+  archive.write("clip", clip());
+  archive.write("trust_ratio", std::string(trust_ratio_name(trust_ratio())));
   archive.write(
       "excluded_param_groups",
-      std::vector<int64_t>(excluded_param_groups_.begin(), excluded_param_groups_.end()));
+      std::vector<int64_t>(excluded_param_groups().begin(), excluded_param_groups().end()));
 }
 
 void LARSOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -63,6 +41,8 @@ void LARSOptions::serialize(torch::serialize::InputArchive& archive) {
   trust_coef(value.toDouble());
   archive.read("clip", value);
   clip(value.toBool());
+  // Archives of torchlars before the variants have none: theirs was "paper".
+  trust_ratio(archive.try_read("trust_ratio", value) ? c10::string_view(value.toStringRef()) : "paper");
   archive.read("excluded_param_groups", value);
   std::vector<size_t> excluded;
   for (const int64_t index : value.toIntVector()) {
@@ -70,6 +50,12 @@ void LARSOptions::serialize(torch::serialize::InputArchive& archive) {
     excluded.push_back(static_cast<size_t>(index));
   }
   excluded_param_groups(std::move(excluded));
+}
+
+void detail::check_lars_options(double eps, double trust_coef, const char* who) {
+  // Written so that NaN is refused too.
+  TORCH_CHECK_VALUE(eps >= 0, who, ": eps must be non-negative, got ", eps);
+  TORCH_CHECK_VALUE(trust_coef >= 0, who, ": trust_coef must be non-negative, got ", trust_coef);
 }
 
 namespace {
@@ -149,21 +135,13 @@ class WeightDecayTakenOver {
   std::vector<double> saved_;
 };
 
-// Whether LARS and the base step as one fused operator (lars/fused.h): around
-// torch::optim::SGD itself (a subclass may step otherwise), for CPU parameters. CUDA tensors
-// keep the foreach path: the operator has a CPU kernel only.
-bool steps_fused(const Optimizer& base, const std::vector<std::vector<at::Tensor>>& params) {
-  if (typeid(base) != typeid(torch::optim::SGD)) {
-    return false;
-  }
-  for (const auto& group : params) {
-    for (const auto& param : group) {
-      if (!param.device().is_cpu() || !at::isFloatingType(param.scalar_type())) {
-        return false;
-      }
-    }
-  }
-  return true;
+// Whether LARS and the base step as one fused operator (lars/fused.h): "paper" or "decayed"
+// around torch::optim::SGD itself (a subclass may step otherwise), for parameters the kernel
+// steps. CUDA tensors keep the foreach path: the operator has a CPU kernel only.
+bool steps_fused(
+    const Optimizer& base, TrustRatio variant, const std::vector<std::vector<at::Tensor>>& params) {
+  return typeid(base) == typeid(torch::optim::SGD) && variant != TrustRatio::kUpdate &&
+      std::all_of(params.begin(), params.end(), detail::fused_sgd_supports);
 }
 
 // Undefines the gradients of the given parameters for its lifetime, so that the base's step
@@ -200,7 +178,8 @@ const std::shared_ptr<Optimizer>& checked_base(const std::shared_ptr<Optimizer>&
   return base;
 }
 
-void check_excluded_param_groups(const LARSOptions& options, size_t num_param_groups) {
+void check_options(const LARSOptions& options, size_t num_param_groups) {
+  detail::check_lars_options(options.eps(), options.trust_coef(), "lars::LARS");
   for (const size_t index : options.excluded_param_groups()) {
     TORCH_CHECK_INDEX(
         index < num_param_groups, "lars::LARS: excluded param group ", index,
@@ -218,13 +197,15 @@ LARS::LARS(std::shared_ptr<Optimizer> base, LARSOptions options)
   for (const auto& group : base_->param_groups()) {
     param_groups_.emplace_back(group);
   }
-  for (const size_t index : adapted_param_groups()) {
-    weight_decay_of(param_groups_[index].options()); // refuses a weight decay LARS cannot take
+  if (options_.trust_ratio() != TrustRatio::kUpdate) { // "update" takes nothing from the base
+    for (const size_t index : adapted_param_groups()) {
+      weight_decay_of(param_groups_[index].options()); // refuses a weight decay LARS cannot take
+    }
   }
 }
 
 std::vector<size_t> LARS::adapted_param_groups() const {
-  check_excluded_param_groups(options_, param_groups_.size());
+  check_options(options_, param_groups_.size());
   const auto& excluded = options_.excluded_param_groups();
   std::vector<size_t> adapted;
   for (const auto index : c10::irange(param_groups_.size())) {
@@ -267,6 +248,12 @@ torch::Tensor LARS::step(LossClosure closure) {
       grads[k].push_back(grad);
     }
   }
+  const TrustRatio variant = options_.trust_ratio();
+  if (variant == TrustRatio::kUpdate) {
+    copy_param_groups_to_base();
+    update_step(adapted, params);
+    return loss;
+  }
   // Every refusal comes before the first gradient is touched: a weight decay LARS cannot
   // take over, and param groups added to the base behind the LARS's back.
   std::vector<double> weight_decays;
@@ -275,15 +262,17 @@ torch::Tensor LARS::step(LossClosure closure) {
     weight_decays.push_back(weight_decay_of(param_groups_[index].options()));
   }
   copy_param_groups_to_base();
-  if (steps_fused(*base_, params)) {
-    // Forgets the parameters that no longer exist.
-    for (auto carried = carried_norms_.begin(); carried != carried_norms_.end();) {
-      carried = carried->second.param.expired() ? carried_norms_.erase(carried) : std::next(carried);
-    }
+  trust_ratios_.clear();
+  if (steps_fused(*base_, variant, params)) {
+    carried_norms_.forget_expired();
     {
       at::NoGradGuard no_grad;
       for (const auto k : c10::irange(adapted.size())) {
-        fused_sgd_step(adapted[k], params[k], grads[k]);
+        const auto& sgd = static_cast<const torch::optim::SGDOptions&>(param_groups_[adapted[k]].options());
+        const detail::FusedSGDSettings settings{
+            sgd.lr(), sgd.weight_decay(), sgd.momentum(), sgd.dampening(), sgd.nesterov(), /*maximize=*/false,
+            options_.eps(), options_.trust_coef(), options_.clip(), variant};
+        detail::fused_sgd_step(params[k], grads[k], settings, base_->state(), carried_norms_, trust_ratios_);
       }
     }
     if (adapted.size() < param_groups_.size()) {
@@ -296,15 +285,21 @@ torch::Tensor LARS::step(LossClosure closure) {
   {
     at::NoGradGuard no_grad;
     for (const auto k : c10::irange(adapted.size())) {
-      auto& group_options = param_groups_[adapted[k]].options();
+      if (params[k].empty()) {
+        continue;
+      }
+      at::Tensor ratios = at::empty({static_cast<int64_t>(params[k].size())}, params[k][0].options().dtype(at::kFloat));
       lars_scale_gradients_(
           params[k],
           grads[k],
           weight_decays[k],
-          at::scalar_tensor(group_options.get_lr(), at::kDouble),
+          at::scalar_tensor(param_groups_[adapted[k]].options().get_lr(), at::kDouble),
           options_.eps(),
           options_.trust_coef(),
-          options_.clip());
+          options_.clip(),
+          variant,
+          ratios);
+      trust_ratios_.add(params[k], std::move(ratios));
     }
   }
   std::vector<double*> base_weight_decays;
@@ -320,88 +315,55 @@ torch::Tensor LARS::step(LossClosure closure) {
   return loss;
 }
 
-void LARS::fused_sgd_step(
-    size_t group_index, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
-  const auto& options = static_cast<const torch::optim::SGDOptions&>(param_groups_[group_index].options());
-  // One operator call per dtype, and per first step: parameters without a momentum buffer
-  // yet get one, set by the step as torch::optim::SGD's first step sets it.
-  struct Call {
-    c10::ScalarType dtype;
-    bool is_first_step;
-    std::vector<at::Tensor> params, grads, momentum_buffers;
+void LARS::update_step(const std::vector<size_t>& adapted, const std::vector<std::vector<at::Tensor>>& params) {
+  carried_norms_.clear(); // the base writes the parameters
+  trust_ratios_.clear();
+  // The parameters of each group by device and dtype, for one multi-tensor call each, and
+  // their values before the base's step.
+  struct Bucket {
+    size_t group;
+    std::vector<at::Tensor> params, before;
   };
-  std::vector<Call> calls;
-  auto& state = base_->state();
-  for (const auto j : c10::irange(params.size())) {
-    const at::Tensor& param = params[j];
-    bool is_first_step = false;
-    at::Tensor momentum_buffer;
-    if (options.momentum() != 0) {
-      auto& param_state = state[param.unsafeGetTensorImpl()];
-      if (!param_state) {
-        auto sgd_state = std::make_unique<torch::optim::SGDParamState>();
-        sgd_state->momentum_buffer(at::empty_like(param));
-        param_state = std::move(sgd_state);
-        is_first_step = true;
-      }
-      momentum_buffer = static_cast<torch::optim::SGDParamState&>(*param_state).momentum_buffer();
-    }
-    auto call = std::find_if(calls.begin(), calls.end(), [&](const Call& c) {
-      return c.dtype == param.scalar_type() && c.is_first_step == is_first_step;
-    });
-    if (call == calls.end()) {
-      call = calls.insert(calls.end(), {param.scalar_type(), is_first_step, {}, {}, {}});
-    }
-    call->params.push_back(param);
-    call->grads.push_back(grads[j]);
-    if (momentum_buffer.defined()) {
-      call->momentum_buffers.push_back(momentum_buffer);
-    }
-  }
-  const at::Tensor lr = at::scalar_tensor(options.lr(), at::kDouble);
-  for (const auto& call : calls) {
-    // The carried norms if every one is still true, else all of them recomputed by the step
-    // itself, from the parameters it reads anyway.
-    at::Tensor norms = carried_param_norms(call.params);
-    const bool recompute = !norms.defined();
-    if (recompute) {
-      norms = at::empty({static_cast<int64_t>(call.params.size())}, at::kFloat);
-    }
-    lars_sgd_(
-        call.params, call.grads, call.momentum_buffers, norms, lr, options.weight_decay(), options.momentum(),
-        options.dampening(), options.nesterov(), /*maximize=*/false, call.is_first_step, options_.eps(),
-        options_.trust_coef(), options_.clip(), std::nullopt, std::nullopt, recompute);
-    const auto carried = norms.accessor<float, 1>();
-    for (const auto j : c10::irange(call.params.size())) {
-      const at::Tensor& param = call.params[j];
-      const auto known = carried_norms_.find(param.unsafeGetTensorImpl());
-      if (known == carried_norms_.end()) {
-        carried_norms_.emplace(
-            param.unsafeGetTensorImpl(),
-            CarriedNorm{
-                c10::weak_intrusive_ptr<c10::TensorImpl>(param.getIntrusivePtr()), param.const_data_ptr(),
-                param._version(), carried[j]});
-      } else { // the same tensor: its weak reference keeps the address from being reused
-        known->second.data = param.const_data_ptr();
-        known->second.version = param._version();
-        known->second.norm = carried[j];
+  std::vector<Bucket> buckets;
+  {
+    at::NoGradGuard no_grad;
+    for (const auto k : c10::irange(adapted.size())) {
+      const auto first = static_cast<std::ptrdiff_t>(buckets.size());
+      for (const at::Tensor& param : params[k]) {
+        auto bucket = std::find_if(buckets.begin() + first, buckets.end(), [&](const Bucket& b) {
+          return b.params[0].device() == param.device() && b.params[0].scalar_type() == param.scalar_type();
+        });
+        if (bucket == buckets.end()) {
+          bucket = buckets.insert(buckets.end(), {adapted[k], {}, {}});
+        }
+        bucket->params.push_back(param);
       }
     }
-  }
-}
-
-at::Tensor LARS::carried_param_norms(const std::vector<at::Tensor>& params) const {
-  at::Tensor norms = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
-  auto out = norms.accessor<float, 1>();
-  for (const auto j : c10::irange(params.size())) {
-    const auto carried = carried_norms_.find(params[j].unsafeGetTensorImpl());
-    if (carried == carried_norms_.end() || carried->second.data != params[j].const_data_ptr() ||
-        carried->second.version != params[j]._version()) {
-      return {};
+    for (auto& bucket : buckets) {
+      for (const at::Tensor& param : bucket.params) {
+        bucket.before.push_back(at::empty_like(param));
+      }
+      at::_foreach_copy_(bucket.before, bucket.params);
     }
-    out[j] = carried->second.norm;
   }
-  return norms;
+  base_->step();
+  at::NoGradGuard no_grad;
+  for (auto& bucket : buckets) {
+    const c10::ScalarType dtype = bucket.params[0].scalar_type();
+    const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+    const auto norm_dtype = half ? std::optional<c10::ScalarType>(at::kFloat) : std::nullopt;
+    const at::Tensor lr = at::scalar_tensor(param_groups_[bucket.group].options().get_lr(), at::kDouble);
+    const at::Tensor param_norms = at::stack(at::_foreach_norm(bucket.before, 2, norm_dtype));
+    // w <- w_after - w_before, the base's update, in place; then w <- w_before + r * update.
+    at::_foreach_sub_(bucket.params, bucket.before);
+    const at::Tensor update_norms = at::stack(at::_foreach_norm(bucket.params, 2, norm_dtype)) / lr;
+    const at::Tensor ratios = trust_ratio(
+        param_norms, update_norms, 0.0, lr, options_.eps(), options_.trust_coef(), options_.clip(),
+        TrustRatio::kUpdate);
+    at::_foreach_mul_(bucket.params, ratios.unbind(0));
+    at::_foreach_add_(bucket.params, bucket.before);
+    trust_ratios_.add(std::move(bucket.params), ratios.to(at::kFloat));
+  }
 }
 
 void LARS::copy_param_groups_to_base() const {
@@ -432,7 +394,7 @@ void LARS::load(torch::serialize::InputArchive& archive) {
   if (archive.try_read("lars", lars_archive)) {
     options.serialize(lars_archive);
   }
-  check_excluded_param_groups(options, param_groups_.size());
+  check_options(options, param_groups_.size());
   copy_param_groups_to_base(); // groups added through the LARS since the last step, which the archive has
   base_->load(archive);
   options_ = std::move(options);
@@ -441,6 +403,7 @@ void LARS::load(torch::serialize::InputArchive& archive) {
     param_groups_.emplace_back(group);
   }
   carried_norms_.clear(); // the norms of the loaded parameters are recomputed, to the same bits
+  trust_ratios_.clear();
 }
 
 } // namespace lars

@@ -18,6 +18,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -131,13 +132,139 @@ TEST(LARSOptions, SettersChain) {
   EXPECT_EQ(options.excluded_param_groups(), std::vector<size_t>{1});
 }
 
-TEST(LARSOptions, RefusesNegativeOrNaN) {
-  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().eps(-1e-8); }),
-                       "eps must be non-negative, got -1e-08"));
-  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().eps(std::nan("")); }),
+TEST(LARSOptions, TrustRatioByNameOrEnum) {
+  EXPECT_EQ(lars::LARSOptions().trust_ratio(), lars::TrustRatio::kPaper);
+  EXPECT_EQ(lars::LARSOptions().trust_ratio("decayed").trust_ratio(), lars::TrustRatio::kDecayed);
+  EXPECT_EQ(lars::LARSOptions().trust_ratio(lars::TrustRatio::kUpdate).trust_ratio(), lars::TrustRatio::kUpdate);
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().trust_ratio("lamb"); }),
+                       "trust_ratio must be 'paper', 'decayed' or 'update', got 'lamb'"));
+}
+
+// TORCH_ARG setters take any value; a LARS refuses bad ones when built, and at a step after
+// `options()` was changed, with nothing modified.
+TEST(LARSOptions, LARSRefusesNegativeOrNaN) {
+  auto w = leaf({3});
+  auto sgd = [&] { return std::make_shared<torch::optim::SGD>(std::vector<at::Tensor>{w}, torch::optim::SGDOptions(0.1)); };
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] { lars::LARS(sgd(), lars::LARSOptions().eps(-1e-8)); }),
+                       "lars::LARS: eps must be non-negative, got -1e-08"));
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] { lars::LARS(sgd(), lars::LARSOptions().eps(std::nan(""))); }),
                        "eps must be non-negative"));
-  EXPECT_TRUE(contains(error_of<c10::ValueError>([] { lars::LARSOptions().trust_coef(-0.5); }),
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] { lars::LARS(sgd(), lars::LARSOptions().trust_coef(-0.5)); }),
                        "trust_coef must be non-negative, got -0.5"));
+  lars::LARS optimizer(sgd());
+  optimizer.options().trust_coef(-1.0);
+  set_grad(w, at::randn({3}));
+  const auto before = w.detach().clone();
+  const auto grad_before = w.grad().clone();
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] { optimizer.step(); }), "trust_coef must be non-negative"));
+  EXPECT_TRUE(at::equal(w.detach(), before));
+  EXPECT_TRUE(at::equal(w.grad(), grad_before));
+}
+
+// The trust-ratio variants against a reference written from functional.h, in fp64.
+double reference_ratio(double param_norm, double norm, double wd, double lr, const lars::LARSOptions& options) {
+  const double denominator = options.trust_ratio() == lars::TrustRatio::kPaper
+      ? norm + wd * param_norm + options.eps()
+      : norm + options.eps();
+  double ratio = param_norm > 0 && norm > 0 ? options.trust_coef() * param_norm / denominator : 1.0;
+  return options.clip() ? std::min(ratio / lr, 1.0) : ratio;
+}
+
+class Variants : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
+
+// Around SGD with momentum (fused on the CPU) and around Adam (the multi-tensor path; and for
+// "update", any base): three steps against the reference, and the ratios of the last step.
+TEST_P(Variants, MatchTheReference) {
+  const auto [name, around_adam] = GetParam();
+  const auto options = lars::LARSOptions().trust_coef(0.02).eps(1e-6).clip(false).trust_ratio(name);
+  const bool update = options.trust_ratio() == lars::TrustRatio::kUpdate;
+  const double lr = 0.05, wd = 0.01;
+  const auto init = at::randn({6, 5});
+  auto w = init.clone().requires_grad_(true);
+  auto reference = init.to(at::kDouble).requires_grad_(true);
+  std::shared_ptr<torch::optim::Optimizer> base, reference_base;
+  if (around_adam) {
+    base = std::make_shared<torch::optim::Adam>(std::vector<at::Tensor>{w}, torch::optim::AdamOptions(lr).weight_decay(wd));
+    reference_base = std::make_shared<torch::optim::Adam>(
+        std::vector<at::Tensor>{reference}, torch::optim::AdamOptions(lr).weight_decay(update ? wd : 0.0));
+  } else {
+    base = std::make_shared<torch::optim::SGD>(
+        std::vector<at::Tensor>{w}, torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(wd));
+    reference_base = std::make_shared<torch::optim::SGD>(
+        std::vector<at::Tensor>{reference}, torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(update ? wd : 0.0));
+  }
+  lars::LARS optimizer(base, options);
+  EXPECT_TRUE(optimizer.trust_ratios().empty());
+  double last_ratio = 0;
+  for (int step = 0; step < 3; ++step) {
+    const auto g = at::randn({6, 5});
+    set_grad(w, g);
+    optimizer.step();
+    at::NoGradGuard no_grad;
+    const auto r = reference.detach();
+    const auto g64 = g.to(at::kDouble);
+    if (update) {
+      const auto before = r.clone();
+      set_grad(reference, g64);
+      reference_base->step();
+      const auto u = r - before;
+      last_ratio = reference_ratio(before.norm().item<double>(), u.norm().item<double>() / lr, wd, lr, options);
+      r.copy_(before + last_ratio * u);
+    } else {
+      const auto decayed = g64 + wd * r;
+      const double norm = options.trust_ratio() == lars::TrustRatio::kPaper ? g64.norm().item<double>()
+                                                                             : decayed.norm().item<double>();
+      last_ratio = reference_ratio(r.norm().item<double>(), norm, wd, lr, options);
+      set_grad(reference, decayed * last_ratio);
+      reference_base->step();
+    }
+  }
+  EXPECT_TRUE(at::allclose(w.detach().to(at::kDouble), reference.detach(), 1e-5, 1e-6)) << name;
+  const auto ratios = optimizer.trust_ratios();
+  ASSERT_EQ(ratios.size(), 1u);
+  EXPECT_TRUE(ratios[0].first.is_same(w));
+  EXPECT_EQ(ratios[0].second.dim(), 0);
+  EXPECT_EQ(ratios[0].second.scalar_type(), at::kFloat);
+  EXPECT_NEAR(ratios[0].second.item<double>(), last_ratio, 1e-5 * last_ratio);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    TrustRatio, Variants,
+    ::testing::Combine(::testing::Values("paper", "decayed", "update"), ::testing::Bool()));
+
+// "update" takes nothing from the base: any base is accepted, its weight decay included.
+TEST(Variants, UpdateAcceptsAnyBaseWithWeightDecay) {
+  auto w = leaf({3});
+  auto base = std::make_shared<PlainOptimizer>(std::vector<at::Tensor>{w}, 1e-2);
+  lars::LARS optimizer(base, lars::LARSOptions().trust_ratio("update"));
+  set_grad(w, at::randn({3}));
+  const auto before = w.detach().clone();
+  optimizer.step();
+  EXPECT_FALSE(at::equal(w.detach(), before));
+}
+
+TEST(FusedSGD, DecayedVariantAndTrustRatiosOut) {
+  // The fused kernel's decayed ratio, maximize included, against ||(-g) + wd * w|| in fp64.
+  const auto w = at::randn({130, 129});
+  const auto g = at::randn({130, 129}) * 0.1;
+  const double wd = 0.05, lr = 0.1;
+  std::vector<at::Tensor> params{w.clone()};
+  std::vector<at::Tensor> buffers{at::empty_like(w)};
+  auto ratios = at::full({1}, -1.0, at::kFloat);
+  lars::lars_sgd_(params, {g}, buffers, lars::lars_param_norms(params), at::scalar_tensor(lr, at::kDouble), wd, 0.9,
+                  0.0, false, /*maximize=*/true, true, 1e-8, 0.02, false, std::nullopt, std::nullopt, false,
+                  lars::TrustRatio::kDecayed, ratios);
+  const auto w64 = w.to(at::kDouble);
+  const auto d = -g.to(at::kDouble) + wd * w64;
+  const double expected = 0.02 * w64.norm().item<double>() / (d.norm().item<double>() + 1e-8);
+  EXPECT_NEAR(ratios[0].item<double>(), expected, 1e-6 * expected);
+  EXPECT_TRUE(at::allclose(params[0].to(at::kDouble), w64 - lr * expected * d, 1e-6, 1e-7));
+  EXPECT_TRUE(contains(error_of<c10::ValueError>([&] {
+                         lars::lars_sgd_(params, {g}, buffers, lars::lars_param_norms(params),
+                                         at::scalar_tensor(lr, at::kDouble), wd, 0.9, 0.0, false, false, false, 1e-8,
+                                         0.02, false, std::nullopt, std::nullopt, false, lars::TrustRatio::kUpdate);
+                       }),
+                       "trust_ratio must be 'paper' or 'decayed'"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class LARS:
         trust_coef: the trust coefficient (default: 1e-3).
         clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does
             (default: False).
+        trust_ratio: ``"paper"`` (default), ``"decayed"`` or ``"update"``, as in
+            :class:`torchlars.LARS`.
         **base_options: the libtorch base's options, by libtorch's names: ``lr``,
             ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` (sgd); ``lr``,
             ``betas``, ``base_eps``, ``weight_decay``, ``amsgrad`` (adam, adamw); ``lr``,
@@ -54,12 +56,15 @@ class LARS:
         trust_coef: float = 0.001,
         *,
         clip: bool = False,
+        trust_ratio: str = "paper",
         **base_options: Any,
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"torchlars.cpp.LARS: `base` must be a str such as 'sgd', got {torch.typename(base)}")
         if not isinstance(clip, bool):
             raise TypeError(f"torchlars.cpp.LARS: `clip` must be a bool, got {torch.typename(clip)}")
+        if not isinstance(trust_ratio, str):
+            raise TypeError(f"torchlars.cpp.LARS: `trust_ratio` must be a str, got {torch.typename(trust_ratio)}")
         groups = _param_groups(params)
         self._lars = _C.LARS(
             param_groups=[(tensors, {**base_options, **options}) for tensors, options, _ in groups],
@@ -68,6 +73,7 @@ class LARS:
             eps=eps,
             trust_coef=trust_coef,
             clip=clip,
+            trust_ratio=trust_ratio,
             excluded_param_groups=[index for index, (_, _, excluded) in enumerate(groups) if excluded],
         )
         self.base = base
@@ -84,8 +90,20 @@ class LARS:
     def clip(self) -> bool:
         return self._lars.clip
 
+    @property
+    def trust_ratio(self) -> str:
+        return self._lars.trust_ratio
+
+    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
+        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
+        return self._lars.trust_ratios()
+
     def __repr__(self) -> str:
-        return f"torchlars.cpp.LARS(base={self.base!r}, eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip})"
+        return (
+            f"torchlars.cpp.LARS(base={self.base!r}, eps={self.eps}, trust_coef={self.trust_coef}, clip={self.clip}, "
+            f"trust_ratio={self.trust_ratio!r})"
+        )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Scale the gradients, then step the base optimizer, in C++.

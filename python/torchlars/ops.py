@@ -26,19 +26,45 @@ def lars_scale_gradients_(
     eps: float,
     trust_coef: float,
     clip: bool,
-) -> None:
+    trust_ratio: str = "paper",
+) -> Tensor:
     r"""``torchlars._functional.lars_scale_gradients_``, computed by liblars in C++.
 
     .. math:: g \leftarrow (g + \lambda w) \cdot r
 
-    Same arguments, same numbers. A tensor ``lr`` is passed to the operator as it is, so
+    Same arguments, same numbers; ``trust_ratio`` is ``"paper"`` or ``"decayed"``. Returns the
+    ratios used, a 1-D fp32 tensor on the params' device (``ratios[i]`` is ``params[i]``'s), so
+    ``params`` must all be on one device. A tensor ``lr`` is passed to the operator as it is, so
     nothing waits on the device and a changing ``lr`` causes no recompilation.
     """
     if not isinstance(lr, Tensor):
         lr = torch.tensor(lr, dtype=torch.float64)
+    devices = {param.device for param in params}
+    if len(devices) > 1:
+        raise ValueError(
+            f"lars_scale_gradients_: `params` are on several devices ({sorted(map(str, devices))}); call it once per device"
+        )
+    ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device if params else "cpu")
     torch.ops.torchlars.lars_scale_gradients_(
-        params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip
+        params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip,
+        trust_ratio=trust_ratio, trust_ratios=ratios,
     )
+    return ratios
+
+
+def _check_trust_ratio(op: str, trust_ratio: str, allowed: tuple[str, ...]) -> None:
+    torch._check(
+        trust_ratio in allowed,
+        lambda: f"{op}: trust_ratio must be one of {allowed}, got {trust_ratio!r}",
+    )
+
+
+def _check_trust_ratios(op: str, trust_ratios: Tensor | None, count: int) -> None:
+    if trust_ratios is not None:
+        torch._check(
+            trust_ratios.dtype == torch.float32 and trust_ratios.shape == (count,),
+            lambda: f"{op}: trust_ratios must be a 1-D fp32 tensor of {count} ratios",
+        )
 
 
 @torch.library.register_fake("torchlars::lars_scale_gradients_")
@@ -51,12 +77,16 @@ def _lars_scale_gradients_fake(
     eps: float,
     trust_coef: float,
     clip: bool,
+    trust_ratio: str = "paper",
+    trust_ratios: Tensor | None = None,
 ) -> None:
-    # Only mutates grads in place: nothing to allocate, only the C++ kernel's checks.
+    # Only mutates grads (and trust_ratios) in place: nothing to allocate, only the C++ kernel's checks.
     torch._check(
         len(params) == len(grads),
         lambda: f"lars_scale_gradients_: got {len(params)} params but {len(grads)} grads",
     )
+    _check_trust_ratio("lars_scale_gradients_", trust_ratio, ("paper", "decayed"))
+    _check_trust_ratios("lars_scale_gradients_", trust_ratios, len(params))
     for i, (param, grad) in enumerate(zip(params, grads)):
         torch._check(
             param.shape == grad.shape and param.dtype == grad.dtype and param.device == grad.device,
@@ -91,8 +121,13 @@ def _lars_sgd_fake(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     recompute_param_norms: bool = False,
+    trust_ratio: str = "paper",
+    trust_ratios: Tensor | None = None,
 ) -> None:
-    # Only mutates params, momentum_buffers and param_norms in place: the shape checks of the kernel.
+    # Only mutates params, momentum_buffers, param_norms and trust_ratios in place: the shape
+    # checks of the kernel.
+    _check_trust_ratio("lars_sgd_", trust_ratio, ("paper", "decayed"))
+    _check_trust_ratios("lars_sgd_", trust_ratios, len(params))
     torch._check(
         len(grads) == len(params), lambda: f"lars_sgd_: got {len(params)} params but {len(grads)} grads"
     )

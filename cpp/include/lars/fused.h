@@ -5,6 +5,8 @@
 // next step. Registered as torch.ops.torchlars.lars_sgd_ and torch.ops.torchlars.lars_param_norms
 // (ops.cpp); lars::LARS steps with it around torch::optim::SGD.
 
+#include <lars/functional.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -22,15 +24,17 @@ at::Tensor lars_param_norms(at::TensorList tensors);
 /// One LARS + momentum-SGD step of a param group, for CPU tensors of one dtype. For each i,
 /// with w = params[i], g = grads[i] / grad_scale (negated if maximize), buf = momentum_buffers[i]:
 ///
-///     r   = trust_ratio(param_norms[i], |g|, weight_decay, lr, eps, trust_coef, clip)
+///     r   = trust_ratio(param_norms[i], n, weight_decay, lr, eps, trust_coef, clip, variant)
 ///     d   = (g + weight_decay * w) * r
 ///     buf = d if is_first_step else momentum * buf + (1 - dampening) * d    (if momentum != 0)
 ///     d   = d + momentum * buf if nesterov else buf                          (if momentum != 0)
 ///     w   = w - lr * d
 ///     param_norms[i] = |w|, of the values stored
 ///
-/// which is LARS (functional.h) followed by torch::optim::SGD's step, in two passes over
-/// memory: one reads g for |g|, the other reads w, g and buf and writes w and buf.
+/// with n = |g| for TrustRatio::kPaper and |g + weight_decay * w| for kDecayed (functional.h;
+/// kUpdate is refused), which is LARS followed by torch::optim::SGD's step, in two passes over
+/// memory: one reads g (and w for kDecayed) for n, the other reads w, g and buf and writes w
+/// and buf.
 /// `param_norms` must hold |w| on entry (as `lars_param_norms` computes it), unless
 /// `recompute_param_norms`: then it is only written, and the first pass reads w as well, for
 /// |w|, bit for bit what `lars_param_norms` gives. The passes go block by block (about 1 MB),
@@ -38,6 +42,8 @@ at::Tensor lars_param_norms(at::TensorList tensors);
 /// something else may have written w since the last step. Half types do the arithmetic in
 /// fp32. `momentum_buffers` may be empty when momentum is 0. If `found_inf` is non-zero,
 /// nothing is modified but `param_norms`, which still ends as |w|. `grads` are read only.
+/// If `trust_ratios` is given (a 1-D fp32 CPU tensor of params.size()), the step writes the
+/// ratio r of every parameter into it (telemetry; left as it is when `found_inf` skips).
 void lars_sgd_(
     at::TensorList params,
     at::TensorList grads,
@@ -55,6 +61,8 @@ void lars_sgd_(
     bool clip,
     const std::optional<at::Tensor>& grad_scale = std::nullopt,
     const std::optional<at::Tensor>& found_inf = std::nullopt,
-    bool recompute_param_norms = false);
+    bool recompute_param_norms = false,
+    TrustRatio variant = TrustRatio::kPaper,
+    const std::optional<at::Tensor>& trust_ratios = std::nullopt);
 
 } // namespace lars
