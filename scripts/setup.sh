@@ -64,6 +64,9 @@ python_packages=("scikit-build-core>=0.10" mnist1d matplotlib tqdm)
 build_options=()
 if ! $demo_only; then
     python_packages+=(pytest)
+    # tests/test_triton.py runs the Triton kernels on the CPU through Triton's interpreter. A
+    # triton already there (the one of a CUDA torch) is kept.
+    "$PY" -c "import triton" 2>/dev/null || python_packages+=("triton==3.9.0")
     build_options=(--config-settings=cmake.define.LARS_BUILD_TESTS=ON --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON)
 fi
 pip_install "${python_packages[@]}"

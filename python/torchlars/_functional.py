@@ -112,17 +112,18 @@ def lars_scale_gradients_(
     """
     if not params:
         return []
+    settings = dict(weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip)
     if backend == "foreach":
-        func = _multi_tensor_lars_scale_gradients_
-    elif backend == "cpp":
+        return _multi_tensor_lars_scale_gradients_(params, grads, variant=variant, **settings)
+    if backend == "cpp":
         # Imported here: the pure-Python package works without the C++ extension.
         from torchlars import ops
 
-        func = ops.lars_scale_gradients_
-    else:
-        raise ValueError(f"lars_scale_gradients_: `backend` must be 'foreach' or 'cpp', got {backend!r}")
-    return func(params, grads, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef, clip=clip,
-                variant=variant)
+        return [
+            (device_params, ops.lars_scale_gradients_(device_params, device_grads, trust_ratio=variant, **settings))
+            for (device_params, device_grads), _ in _group_tensors_by_device_and_dtype([params, grads]).values()
+        ]
+    raise ValueError(f"lars_scale_gradients_: `backend` must be 'foreach' or 'cpp', got {backend!r}")
 
 
 def lars_scaled_gradients(
@@ -467,7 +468,8 @@ def lars_sgd(
         and fused_lars_sgd_supports(params)
     ):
         # Compiled, once the momentum buffers exist: the fused kernel as one opaque operator.
-        ratios = torch.empty(len(params), dtype=torch.float32)
+        # NaN where a step skipped by GradScaler leaves no ratio.
+        ratios = torch.full((len(params),), float("nan"), dtype=torch.float32)
         torch.ops.torchlars_python.fused_lars_sgd_step_(
             params,
             grads,
