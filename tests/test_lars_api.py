@@ -504,7 +504,7 @@ def test_state_dict_loads_into_plain_base_and_back():
     optimizer = make_lars(model, eps=1e-6, trust_coef=0.01, clip=True)
     train(model, optimizer, 3)
     state_dict = saved(optimizer.state_dict())
-    assert state_dict["lars"] == {"eps": 1e-6, "trust_coef": 0.01, "clip": True}
+    assert state_dict["lars"] == {"eps": 1e-6, "trust_coef": 0.01, "clip": True, "trust_ratio": "paper"}
 
     # LARS -> plain SGD: the base continues from the same momentum buffers.
     plain = torch.optim.SGD(model.parameters(), lr=0.5)
