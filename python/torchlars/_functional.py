@@ -245,9 +245,7 @@ def _scale_by_trust_ratio_(
     # Kept in the norms' dtype, fp32 for fp16/bf16 gradients: the multiply then runs in fp32 and
     # rounds once, instead of every layer's step being off by the ratio's rounding (0.4% in bf16).
     all_ratios, ratios = ratios, ratios.unbind(0)
-    # A tensor weight decay is never compared with 0 nor passed as alpha: both would wait on the device.
-    tensor_weight_decay = isinstance(weight_decay, Tensor)
-    if not tensor_weight_decay and weight_decay == 0:
+    if not isinstance(weight_decay, Tensor) and weight_decay == 0:
         torch._foreach_mul_(grads, ratios)
         return all_ratios
     # On the CPU, adding the decay and multiplying one cache-sized block at a time reads and
@@ -258,10 +256,7 @@ def _scale_by_trust_ratio_(
     else:
         blocks = [(params, grads, ratios)]
     for block_params, block_grads, block_ratios in blocks:
-        if tensor_weight_decay:
-            torch._foreach_add_(block_grads, torch._foreach_mul(block_params, weight_decay))
-        else:
-            torch._foreach_add_(block_grads, block_params, alpha=weight_decay)
+        decay_(block_params, block_grads, weight_decay)
         torch._foreach_mul_(block_grads, block_ratios)
     return all_ratios
 
