@@ -8,9 +8,6 @@ does); a round times ``--steps`` iterations per variant, forward+backward and st
 takes their medians. Reported: medians over rounds with the spread, the step's share of the
 iteration, and the iteration over the baseline's (``SGD(fused=True)``), round by round.
 
-``larssgd_recompute`` is ``LARSSGD`` (fused) with the carried ||w|| never used (the kernel then
-recomputes it in its gradient pass): against ``larssgd_fused`` it is what carrying the norms saves.
-
     python bench/bench_train_step.py                       # what bench/results/train_step_cpu.* holds
     python bench/bench_train_step.py --device cuda --out bench/results/train_step_cuda
 """
@@ -20,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -38,7 +36,6 @@ from step_timing import spread, synchronize  # noqa: E402
 
 import torchlars  # noqa: E402
 from torchlars import LARS, LARSSGD  # noqa: E402
-from torchlars._param_norms import CarriedParamNorms  # noqa: E402
 from torchlars.demo.train import make_model as make_demo_cnn  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
@@ -85,17 +82,6 @@ def models(image_size: int, resnet_batch: int, cnn_batch: int):
     }
 
 
-@contextlib.contextmanager
-def norms_never_carried():
-    """The fused step finds no carried ||w||, so its kernel recomputes it (recompute_param_norms)."""
-    lookup = CarriedParamNorms.lookup
-    CarriedParamNorms.lookup = lambda self, key, params: None
-    try:
-        yield
-    finally:
-        CarriedParamNorms.lookup = lookup
-
-
 def sgd(params, **options):
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **options)
 
@@ -109,15 +95,13 @@ VARIANTS = {
     "sgd_fused": ("SGD(fused=True) (baseline)", lambda p: sgd(p, fused=True), contextlib.nullcontext),
     "sgd_foreach": ("SGD(foreach=True)", lambda p: sgd(p, foreach=True), contextlib.nullcontext),
     "larssgd_fused": ("LARSSGD(fused=True)", lambda p: larssgd(p, fused=True), contextlib.nullcontext),
-    "larssgd_recompute": ("LARSSGD(fused=True), ||w|| always recomputed", lambda p: larssgd(p, fused=True),
-                          norms_never_carried),
     "larssgd_foreach": ("LARSSGD(foreach=True)", lambda p: larssgd(p, foreach=True), contextlib.nullcontext),
     "lars_sgd_fused": ("LARS(SGD(fused=True))", lambda p: LARS(sgd(p, fused=True)), contextlib.nullcontext),
     "lars_sgd_foreach": ("LARS(SGD(foreach=True))", lambda p: LARS(sgd(p, foreach=True)), contextlib.nullcontext),
     "lars_cpp": ('LARS(SGD(foreach=True), backend="cpp")', lambda p: LARS(sgd(p, foreach=True), backend="cpp"),
                  contextlib.nullcontext),
 }
-CPU_ONLY = {"larssgd_fused", "larssgd_recompute", "lars_sgd_fused"}  # the fused operator is CPU-only
+FUSED = {"larssgd_fused", "lars_sgd_fused"}
 
 
 class Trainer:
@@ -226,9 +210,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     chosen = ["sgd_fused", *[v for v in (args.variants or VARIANTS) if v != "sgd_fused"]]
-    if args.device != "cpu":
-        # The fused LARS operator has a CPU kernel only; those variants would be refused by name.
-        chosen = [v for v in chosen if v not in CPU_ONLY]
+    if args.device != "cpu" and importlib.util.find_spec("triton") is None:
+        # GPU tensors take fused=True with the Triton kernels only; without triton those
+        # variants would be refused by name.
+        chosen = [v for v in chosen if v not in FUSED]
     threads = args.threads or sorted({torch.get_num_threads(), 1}, reverse=True)
     out = args.out or BENCH_DIR / "results" / f"train_step_{args.device}"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def markdown(report: dict) -> str:
              "- *step*: median of the round medians, [interquartile range], min–max. *vs fastest SGD*: per round, "
              "the step over the fastest SGD of the same mode (eager or compiled) in that round; median "
              "[interquartile range] over the rounds. *floor*: the fastest eager SGD plus one read of the "
-             "gradients (`lars_param_norms`), the least a LARS step can cost on this machine.",
+             "weights and gradients (`torch._foreach_norm`), the least a LARS step can cost on this machine.",
              ""]
     for (set_name, dtype_name), rows in _cases(report["results"]).items():
         first = rows[0]

@@ -1,7 +1,7 @@
 """The fused path: LARS(SGD(fused=True)) and LARSSGD(fused=True) on liblars's lars_sgd_ operator.
 
-Same numbers as the torch._foreach_* path (1e-6 of each tensor's scale in fp32), a carried
-parameter norm that is never stale, GradScaler's grad_scale/found_inf, and clear errors.
+Same numbers as the torch._foreach_* path (1e-6 of each tensor's scale in fp32), after any
+outside write of the parameters too, GradScaler's grad_scale/found_inf, and clear errors.
 """
 
 import copy
@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import _fused_resume_worker
-import torchlars._param_norms
+import torchlars._kernels
 from torchlars import LARS, LARSSGD
-from torchlars.lars_sgd import carried_norms_of
 from torchlars_extension import import_extension
 
 import_extension("torchlars.ops")
@@ -89,7 +88,7 @@ def test_fused_matches_the_foreach_path_over_many_steps(options, clip):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 def test_other_dtypes(dtype, tolerance):
-    # Norms are accumulated (and carried) in fp32 for every dtype; half types compute in fp32.
+    # Norms are accumulated in fp32 for every dtype; half types compute in fp32.
     fused_params, foreach_params = make_params(dtype), make_params(dtype)
     fused = LARSSGD(fused_params, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02, fused=True)
     foreach = LARSSGD(foreach_params, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02, foreach=True)
@@ -116,13 +115,16 @@ def test_mixed_dtypes_and_parameters_without_grads():
     assert_close_to_scale(params, reference_params, 1e-6)
 
 
-def test_fused_none_picks_the_fused_operator_on_the_cpu():
+def test_fused_none_picks_the_fused_operator_on_the_cpu(monkeypatch):
+    calls = []
+    fused_lars_sgd = torchlars._kernels.fused_lars_sgd
+    monkeypatch.setattr(torchlars._kernels, "fused_lars_sgd", lambda *a, **k: calls.append(1) or fused_lars_sgd(*a, **k))
     params = make_params()
     optimizer = LARSSGD(params, lr=0.1, momentum=0.9)
     assert optimizer._step_supports_amp_scaling
     set_grads([params], 0)
     optimizer.step()
-    assert carried_norms_of(optimizer, 0)._buckets, "no norms carried: the fused operator did not step"
+    assert calls, "the fused operator did not step"
     assert not LARSSGD(make_params(), lr=0.1, foreach=True)._step_supports_amp_scaling
     assert not LARS(torch.optim.SGD(make_params(), lr=0.1, foreach=True))._step_supports_amp_scaling
     assert LARS(torch.optim.SGD(make_params(), lr=0.1, fused=True))._step_supports_amp_scaling
@@ -167,47 +169,24 @@ def test_state_dict_loads_into_plain_sgd():
 
 
 # ---------------------------------------------------------------------------------------
-# The carried parameter norm
+# Outside writes of the parameters: the next step takes ||w|| from the weights as they are
 
 
-@pytest.fixture
-def recomputations(monkeypatch):
-    """How often the norms were computed afresh rather than taken from the last step."""
-    count = []
-    lookup = torchlars._param_norms.CarriedParamNorms.lookup
-
-    def counted(self, key, params):
-        norms = lookup(self, key, params)
-        if norms is None:
-            count.append(1)
-        return norms
-
-    monkeypatch.setattr(torchlars._param_norms.CarriedParamNorms, "lookup", counted)
-    return count
-
-
-def _two_optimizers(wrapper):
-    """One optimizer that carries the norms, and one that is made to recompute them every step."""
+def _fused_and_foreach(wrapper):
     params, reference_params = make_params(), make_params()
-    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02)
 
-    def build(p):
+    def build(p, **path):
         if wrapper:
-            return LARS(torch.optim.SGD(p, fused=True, lr=0.1, momentum=0.9, weight_decay=1e-2), trust_coef=0.02)
-        return LARSSGD(p, fused=True, **options)
+            return LARS(torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, **path), trust_coef=0.02)
+        return LARSSGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02, **path)
 
-    return params, build(params), reference_params, build(reference_params)
+    return params, build(params, fused=True), reference_params, build(reference_params, foreach=True)
 
 
-def _step_both(params, optimizer, reference_params, reference, step, recomputations=()):
-    """Step both; how many norm computations each made (if ``recomputations`` counts them)."""
+def _step_both(params, optimizer, reference_params, reference, step):
     set_grads([params, reference_params], step)
-    before = len(recomputations)
     optimizer.step()
-    middle = len(recomputations)
-    torchlars.lars_sgd.forget_carried_norms(reference)
     reference.step()
-    return middle - before, len(recomputations) - middle
 
 
 def _swap_in_ema(params, optimizer):
@@ -258,9 +237,12 @@ def _set_data(params, optimizer):
 
 
 def _load_optimizer_state_dict(params, optimizer):
-    with torch.no_grad():
-        params[0].data.mul_(3)  # unseen by the version counter: the load is what forgets
     optimizer.load_state_dict(optimizer.state_dict())
+
+
+def _data_edit(params, optimizer):
+    with torch.no_grad():
+        params[0].data.mul_(3)  # unseen by the version counter
 
 
 EDITS = {
@@ -272,40 +254,25 @@ EDITS = {
     "replaced_in_group": _replace_in_group,
     "set_data": _set_data,
     "optimizer_load_state_dict": _load_optimizer_state_dict,
+    "data_edit": _data_edit,
 }
 
 
 @pytest.mark.parametrize("wrapper", [False, True], ids=["LARSSGD", "LARS"])
 @pytest.mark.parametrize("edit", sorted(EDITS))
-def test_carried_norm_is_recomputed_after_an_outside_write(edit, wrapper, recomputations):
-    params, optimizer, reference_params, reference = _two_optimizers(wrapper)
+def test_a_step_after_an_outside_write_uses_the_weights_as_they_are(edit, wrapper):
+    params, optimizer, reference_params, reference = _fused_and_foreach(wrapper)
     for step in range(2):
         _step_both(params, optimizer, reference_params, reference, step)
-    carried, recomputed = _step_both(params, optimizer, reference_params, reference, 2, recomputations)
-    assert (carried, recomputed) == (0, 1), "the optimizer carries the norms, the reference recomputes them"
     EDITS[edit](params, optimizer)
     EDITS[edit](reference_params, reference)
-    seen, recomputed = _step_both(params, optimizer, reference_params, reference, 3, recomputations)
-    assert seen == recomputed, "the optimizer did not see the write"
-    for param, expected in zip(params, reference_params):
-        assert torch.equal(param, expected)
-
-
-def test_a_write_through_data_is_the_documented_blind_spot():
-    # The comparison above can fail: .data edits bump no version counter, so the stale
-    # carried norm is used and the step differs from one with the true norm.
-    params, optimizer, reference_params, reference = _two_optimizers(wrapper=False)
-    for step in range(2):
-        _step_both(params, optimizer, reference_params, reference, step)
-    for p in (params, reference_params):
-        p[0].data.mul_(3)
     _step_both(params, optimizer, reference_params, reference, 2)
-    assert not torch.equal(params[0], reference_params[0])
+    assert_close_to_scale(params, reference_params, 1e-6)
 
 
 def test_checkpoint_resumed_in_a_new_process_continues_bit_for_bit(tmp_path):
-    # The uninterrupted runs carry the norms from step to step; the resumed ones, in a new
-    # process, recompute them from the loaded weights, which must give the same bits.
+    # The resumed runs, in a new process, start from the loaded weights and momentum buffers,
+    # which must give the uninterrupted runs' bits.
     uninterrupted = {kind: _fused_resume_worker.train(kind, 0, _fused_resume_worker.STOP) for kind in _fused_resume_worker.KINDS}
     for kind in _fused_resume_worker.KINDS:
         torch.save({**_fused_resume_worker.train(kind, 0, 3), "step": 3}, tmp_path / f"{kind}_checkpoint.pt")
@@ -368,8 +335,6 @@ def test_an_overflowing_step_changes_nothing(first, wrapper):
     weights = [p.detach().clone() for p in params]
     buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
     buffers = [None if b is None else b.clone() for b in buffers]
-    carried = carried_norms_of(optimizer, 0)
-    carried_before = {key: norms.clone() for key, (_, _, norms) in carried._buckets.items()}
     grads = [torch.randn(p.shape, generator=generator) for p in params]
     grads[1][0] = float("inf")
     scale = scaler.get_scale()
@@ -382,9 +347,6 @@ def test_an_overflowing_step_changes_nothing(first, wrapper):
             assert "momentum_buffer" not in optimizer.state[param], "a skipped first step left a buffer"
         else:
             assert torch.equal(optimizer.state[param]["momentum_buffer"], buffer)
-    assert {key: norms for key, (_, _, norms) in carried._buckets.items()}.keys() == carried_before.keys()
-    for key, (_, _, norms) in carried._buckets.items():
-        assert torch.equal(norms, carried_before[key])
     if first:
         # The next step is still a first step: the buffer starts as that step's update.
         reference = copy.deepcopy(model)
@@ -440,7 +402,7 @@ def test_fused_true_refuses_what_the_operator_cannot_step():
     params = make_params()
     set_grads([params], 0)
     meta = torch.nn.Parameter(torch.randn(3, device="meta"))
-    _assert_refused(lambda: LARSSGD([*params, meta], lr=0.1, fused=True), params, r"`fused=True` steps CPU tensors only.*parameter 5 of param group 0")
+    _assert_refused(lambda: LARSSGD([*params, meta], lr=0.1, fused=True), params, r"`fused=True` steps CPU tensors.*parameter 5 of param group 0")
     integer = torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)
     _assert_refused(lambda: LARSSGD([*params, integer], lr=0.1, fused=True), params, r"`fused=True` steps floating-point.*torch.int32")
     complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
@@ -465,24 +427,30 @@ def test_fused_with_differentiable_is_refused_by_name():
         LARS(torch.optim.SGD(make_params(), lr=0.1, fused=True, differentiable=True))
 
 
-def test_compiled_step_runs_the_fused_kernel_once_the_buffers_exist(monkeypatch):
-    import torchlars._functional
+def _graph_ops(recorded):
+    """A torch.compile backend that records the ops of the graphs it gets, then runs them."""
 
+    def backend(graph_module, example_inputs):
+        recorded.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    return backend
+
+
+def test_compiled_step_calls_the_fused_operator():
     torch._dynamo.reset()
-    calls = []
-    fused_step = torchlars._functional._fused_lars_sgd
-    monkeypatch.setattr(torchlars._functional, "_fused_lars_sgd", lambda *a, **k: calls.append(1) or fused_step(*a, **k))
     params, eager_params = make_params(), make_params()
     optimizer = LARSSGD(params, lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2, trust_coef=0.02)
     eager = LARSSGD(eager_params, lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2, trust_coef=0.02, fused=True)
-    compiled_step = torch.compile(optimizer.step, backend="aot_eager")  # the routing is what is tested
-    for step in range(4):
+    ops: set[str] = set()
+    compiled_step = torch.compile(optimizer.step, backend=_graph_ops(ops))
+    for step in range(3):  # the first creates the momentum buffers
         set_grads([params, eager_params], step)
         compiled_step()
         eager.step()
-    # The first step initialises the buffers in Inductor's loops; the next three call the kernel.
-    assert len(calls) == 3 + 4
-    assert_close_to_scale(params, eager_params, 1e-6)
+    assert {"torchlars.lars_sgd_", "torchlars.lars_sgd_.default"} & ops, sorted(ops)
+    for param, expected in zip(params, eager_params):
+        assert torch.equal(param, expected)
     torch._dynamo.reset()
 
 
@@ -490,72 +458,36 @@ def test_compiled_step_runs_the_fused_kernel_once_the_buffers_exist(monkeypatch)
 OLD_DYNAMO = torch.__version__ < "2.13"
 
 
-def _halve_param(params, optimizer):
+def _edit_between_steps(params, optimizer):
     with torch.no_grad():
         params[0].mul_(0.5)
-
-
-def _halve_param_and_buffer(params, optimizer):
-    # As many in-place writes to the momentum buffer as to the parameter.
-    with torch.no_grad():
-        params[0].mul_(0.5)
-        if optimizer.state[params[0]]:
-            optimizer.state[params[0]]["momentum_buffer"].mul_(0.5)
-
-
-def _data_write_then_load_state_dict(params, optimizer):
-    with torch.no_grad():
-        params[0].data.mul_(0.5)  # unseen by the version counter: the load is what forgets
-    optimizer.load_state_dict(optimizer.state_dict())
+        params[1].data.mul_(2.0)  # unseen by the version counter
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "no_momentum"])
-@pytest.mark.parametrize(
-    "edit",
-    [_halve_param, _halve_param_and_buffer, _data_write_then_load_state_dict],
-    ids=["param", "param_and_buffer", "load_state_dict"],
-)
 @pytest.mark.parametrize("build", ["LARSSGD", "LARS_fused_SGD"])
 @pytest.mark.parametrize("backend", ["inductor", "eager"])
-def test_compiled_step_carries_the_norms_and_sees_an_edit(monkeypatch, backend, build, edit, momentum):
-    # Two compiled twins: one carries the norms from step to step (WitnessedNorms), the other is
-    # made to recompute them every step. They must stay equal bit for bit, through a user's
-    # in-place edit between two compiled steps, which the carrying twin must see (a stale norm
-    # would change that parameter's step).
+def test_compiled_step_is_the_eager_step_through_an_edit(backend, build, momentum):
+    # The compiled fused step gives the eager one's bits, also after a user's in-place edits
+    # between two compiled steps.
     if build == "LARS_fused_SGD" and OLD_DYNAMO:
         pytest.skip("torch 2.11's dynamo cannot trace LARS(SGD(fused=True)) whole")
     torch._dynamo.reset()
-    params, twin_params = make_params(), make_params()
-    witnessed = torchlars._param_norms.WitnessedNorms
-    lookup = witnessed.lookup
-    recomputed = []
-
-    def counted_lookup(self, key, step_params):
-        if step_params[0] is twin_params[0]:
-            return None  # the twin always recomputes
-        norms = lookup(self, key, step_params)
-        recomputed.append(norms is None)
-        return norms
-
-    monkeypatch.setattr(witnessed, "lookup", counted_lookup)
+    params, eager_params = make_params(), make_params()
     options = dict(lr=0.1, momentum=momentum, weight_decay=1e-2)
     if build == "LARSSGD":
-        optimizer, twin = (LARSSGD(p, trust_coef=0.02, **options) for p in (params, twin_params))
+        optimizer, eager = (LARSSGD(p, trust_coef=0.02, fused=True, **options) for p in (params, eager_params))
     else:
-        optimizer, twin = (LARS(torch.optim.SGD(p, fused=True, **options), trust_coef=0.02)
-                           for p in (params, twin_params))
-    steps = [torch.compile(o.step, backend=backend) for o in (optimizer, twin)]
-    for step in range(6):
-        set_grads([params, twin_params], step)
-        if step == 4:
-            edit(params, optimizer)
-            edit(twin_params, twin)
-        for compiled_step in steps:
-            compiled_step()
-        for param, twin_param in zip(params, twin_params):
-            torch.testing.assert_close(param, twin_param, rtol=0, atol=0)
-    # With momentum, step 0 creates the buffers (no kernel) and step 1 has nothing carried;
-    # without, step 0 runs the kernel. Then the norms are carried, but for the step after the edit.
-    expected = [True, False, False, True, False] if momentum else [True, False, False, False, True, False]
-    assert recomputed == expected
+        optimizer, eager = (LARS(torch.optim.SGD(p, fused=True, **options), trust_coef=0.02)
+                            for p in (params, eager_params))
+    compiled_step = torch.compile(optimizer.step, backend=backend)
+    for step in range(5):
+        set_grads([params, eager_params], step)
+        if step == 3:
+            _edit_between_steps(params, optimizer)
+            _edit_between_steps(eager_params, eager)
+        compiled_step()
+        eager.step()
+        for param, expected in zip(params, eager_params):
+            torch.testing.assert_close(param, expected, rtol=0, atol=0)
     torch._dynamo.reset()

@@ -140,7 +140,7 @@ def test_compiled_norms_of_large_strided_and_half_tensors_match_eager():
 
 @pytest.mark.parametrize("index", range(4))
 def test_row_blocked_sum_of_squares_is_the_exact_sum_to_float_rounding(index):
-    from torchlars._functional import _row_blocked_sum_of_squares
+    from torchlars._foreach import _row_blocked_sum_of_squares
 
     tensor = _odd_params()[index].detach()
     dtype = torch.float32 if tensor.dtype == torch.bfloat16 else None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import torchlars._functional
+import torchlars._kernels
 from torchlars import LARS, LARSSGD
 from kernel_count import count_kernels
 from lars_reference import ReferenceLARS, reference_scaled_grad
@@ -177,7 +178,7 @@ def test_the_decayed_update_matches_the_per_parameter_one(triton_module):
     settings = dict(grad_scale=None, found_inf=None, lr=0.1, weight_decay=0.1, momentum=0.0, dampening=0.0,
                     nesterov=False, maximize=False, eps=1e-8, trust_coef=0.02, clip=False)
     with torch.no_grad():
-        ratios = triton_module.lars_sgd_(params, grads, [None] * len(params), variant="decayed", **settings)
+        [(_, ratios)] = triton_module.lars_sgd_(params, grads, [None] * len(params), variant="decayed", **settings)
         scaled = [g.clone() for g in grads]
         expected_ratios = triton_module.scale_gradients_(reference_params, scaled, weight_decay=0.1, lr=0.1, eps=1e-8,
                                                          trust_coef=0.02, clip=False, variant="decayed")
@@ -442,12 +443,12 @@ def test_import_torchlars_does_not_import_the_kernels():
 
 
 def test_cuda_without_triton_warns_once_naming_the_install(monkeypatch):
-    monkeypatch.setattr(torchlars._functional, "_TRITON_INSTALLED", False)
-    monkeypatch.setattr(torchlars._functional, "_warned_no_triton", False)
+    monkeypatch.setattr(torchlars._kernels, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(torchlars._kernels, "_warned_no_triton", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not torchlars._functional.triton_steps(torch.device("cuda"), [])
-        assert not torchlars._functional.triton_steps(torch.device("cuda"), [])
+        assert not torchlars._kernels.triton_steps(torch.device("cuda"), [])
+        assert not torchlars._kernels.triton_steps(torch.device("cuda"), [])
     assert len(caught) == 1 and "pip install triton" in str(caught[0].message)
 
 

@@ -10,7 +10,6 @@
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
 
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -230,41 +229,6 @@ PYBIND11_MODULE(_C, m) {
     } catch (const c10::Error& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
-  });
-
-  // What torchlars._param_norms keeps to tell whether a carried norm is still true: for each
-  // tensor, its TensorImpl's address, its version and its data pointer, packed into bytes that
-  // compare in one memcmp. (Reading them from Python costs a microsecond per tensor.)
-  m.def("_param_stamps", [](const std::vector<at::Tensor>& tensors) {
-    std::vector<int64_t> stamps;
-    stamps.reserve(3 * tensors.size());
-    for (const auto& tensor : tensors) {
-      stamps.push_back(reinterpret_cast<int64_t>(tensor.unsafeGetTensorImpl()));
-      stamps.push_back(static_cast<int64_t>(tensor._version()));
-      stamps.push_back(reinterpret_cast<int64_t>(tensor.const_data_ptr()));
-    }
-    return py::bytes(reinterpret_cast<const char*>(stamps.data()), stamps.size() * sizeof(int64_t));
-  });
-
-  // Whether each tensor of the old stamps is still the tensor with the same data in the new
-  // ones, its version counter advanced by exactly `delta` (torchlars._param_norms.WitnessedNorms).
-  m.def("_stamps_moved_by", [](const std::string& old_stamps, const std::string& new_stamps, int64_t delta) {
-    constexpr size_t kStamp = 3 * sizeof(int64_t);
-    if (old_stamps.size() != new_stamps.size() || old_stamps.size() % kStamp != 0) {
-      return false;
-    }
-    auto field = [](const std::string& stamps, size_t i, size_t k) {
-      int64_t value;
-      std::memcpy(&value, stamps.data() + i * kStamp + k * sizeof(int64_t), sizeof(value));
-      return value;
-    };
-    for (size_t i = 0; i < old_stamps.size() / kStamp; ++i) {
-      if (field(old_stamps, i, 0) != field(new_stamps, i, 0) || field(old_stamps, i, 2) != field(new_stamps, i, 2) ||
-          field(new_stamps, i, 1) - field(old_stamps, i, 1) != delta) {
-        return false;
-      }
-    }
-    return true;
   });
 
   py::class_<LockedLARS>(m, "LARS")

@@ -20,28 +20,28 @@ namespace {
 using fused_kernel::SgdOptions;
 using fused_kernel::Slot;
 
-// The capability torch itself runs its kernels with (ATEN_CPU_CAPABILITY included), where
-// liblars has a build of the loops for it; else the loops built with the compiler's default
-// flags, which run on any CPU of the architecture.
-enum class Capability { kDefault, kAvx2, kAvx512 };
+// The kernel's build for the capability torch itself runs its kernels with
+// (ATEN_CPU_CAPABILITY included), where liblars has one; else the loops built with the
+// compiler's default flags, which run on any CPU of the architecture. Chosen once.
+using Kernel = decltype(&fused_kernel::cpu_default::lars_sgd);
 
-Capability capability() {
+Kernel kernel() {
 #ifdef LARS_HAVE_X86_KERNELS
-  static const Capability chosen = [] {
+  static const Kernel chosen = [] {
     const std::string torch_capability = at::get_cpu_capability();
     if (torch_capability == "AVX512") {
-      return Capability::kAvx512;
+      return &fused_kernel::cpu_avx512::lars_sgd;
     }
-    return torch_capability == "AVX2" ? Capability::kAvx2 : Capability::kDefault;
+    return torch_capability == "AVX2" ? &fused_kernel::cpu_avx2::lars_sgd : &fused_kernel::cpu_default::lars_sgd;
   }();
   return chosen;
 #else
-  return Capability::kDefault;
+  return &fused_kernel::cpu_default::lars_sgd;
 #endif
 }
 
 // `tensor` if it is dense, else a contiguous copy: the norm then runs over the elements in
-// memory order, or in index order for a tensor with gaps, in both operators alike.
+// memory order, or in index order for a tensor with gaps.
 at::Tensor dense(const at::Tensor& tensor) {
   return tensor.is_non_overlapping_and_dense() ? tensor : tensor.contiguous();
 }
@@ -62,8 +62,8 @@ void check_floating_cpu(const at::Tensor& tensor, const char* op, const char* na
       tensor.layout() == at::kStrided, op, ": ", name, "[", i, "] is not dense (layout ",
       tensor.layout(), "); LARS needs dense tensors");
   TORCH_CHECK(
-      at::isFloatingType(tensor.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
-      tensor.scalar_type(), "; only floating-point tensors (not complex or integer) are supported");
+      fused_dtype(tensor.scalar_type()), op, ": ", name, "[", i, "] has dtype ", tensor.scalar_type(),
+      "; the fused kernel steps fp32, fp64, bf16 and fp16 tensors");
 }
 
 // `tensor` has the dtype and shape of params[i].
@@ -85,39 +85,14 @@ double cpu_scalar(const at::Tensor& tensor, const char* name) {
 
 } // namespace
 
-at::Tensor lars_param_norms(at::TensorList tensors) {
-  at::Tensor norms = at::empty({static_cast<int64_t>(tensors.size())}, at::kFloat);
-  if (tensors.empty()) {
-    return norms;
-  }
-  std::vector<at::Tensor> dense_tensors;
-  for (const auto i : c10::irange(tensors.size())) {
-    check_floating_cpu(tensors[i], "lars_param_norms", "tensors", i);
-    TORCH_CHECK(
-        tensors[i].scalar_type() == tensors[0].scalar_type(), "lars_param_norms: tensors[", i,
-        "] has dtype ", tensors[i].scalar_type(), " but tensors[0] has ", tensors[0].scalar_type(),
-        "; pass tensors of one dtype");
-    dense_tensors.push_back(dense(tensors[i]));
-  }
-  switch (capability()) {
-    case Capability::kAvx512:
-      fused_kernel::cpu_avx512::param_norms(dense_tensors, norms);
-      break;
-    case Capability::kAvx2:
-      fused_kernel::cpu_avx2::param_norms(dense_tensors, norms);
-      break;
-    case Capability::kDefault:
-      fused_kernel::cpu_default::param_norms(dense_tensors, norms);
-      break;
-  }
-  return norms;
+bool fused_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
 void lars_sgd_(
     at::TensorList params,
     at::TensorList grads,
     at::TensorList momentum_buffers,
-    const at::Tensor& param_norms,
     const at::Tensor& lr,
     double weight_decay,
     double momentum,
@@ -130,7 +105,6 @@ void lars_sgd_(
     bool clip,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
-    bool recompute_param_norms,
     TrustRatio variant,
     const std::optional<at::Tensor>& trust_ratios) {
   // Every check before anything is written: a refused step modifies nothing.
@@ -140,11 +114,6 @@ void lars_sgd_(
       momentum_buffers.size() == n || (momentum == 0 && momentum_buffers.empty()), "lars_sgd_: got ", n,
       " params but ", momentum_buffers.size(), " momentum_buffers (momentum=", momentum,
       "; pass one buffer per param, or none when momentum is 0)");
-  TORCH_CHECK(
-      param_norms.device().is_cpu() && param_norms.scalar_type() == at::kFloat && param_norms.dim() == 1 &&
-          param_norms.size(0) == static_cast<int64_t>(n),
-      "lars_sgd_: param_norms must be a 1-D fp32 CPU tensor of ", n, " norms, got ",
-      param_norms.scalar_type(), param_norms.sizes(), " on ", param_norms.device());
   TORCH_CHECK_VALUE(
       variant != TrustRatio::kUpdate,
       "lars_sgd_: trust_ratio must be 'paper' or 'decayed'; 'update' scales the base's whole update, "
@@ -172,16 +141,13 @@ void lars_sgd_(
   }
   const SgdOptions options{
       cpu_scalar(lr, "lr"), weight_decay, momentum, dampening, nesterov, maximize, is_first_step,
-      eps, trust_coef, clip, recompute_param_norms, variant};
+      eps, trust_coef, clip, variant};
   const std::optional<double> scale =
       grad_scale ? std::optional<double>(cpu_scalar(*grad_scale, "grad_scale")) : std::nullopt;
   if (n == 0) {
     return;
   }
   if (found_inf && cpu_scalar(*found_inf, "found_inf") != 0) {
-    if (recompute_param_norms) { // the step is skipped, but the norms are asked for
-      param_norms.copy_(lars_param_norms(params));
-    }
     return;
   }
 
@@ -197,19 +163,9 @@ void lars_sgd_(
         momentum != 0 ? dense_like(momentum_buffers[i], param) : at::Tensor()});
   }
   const at::Tensor out_ratios = trust_ratios ? *trust_ratios : at::Tensor();
-  switch (capability()) {
-    case Capability::kAvx512:
-      fused_kernel::cpu_avx512::lars_sgd(slots, param_norms, out_ratios, options, scale);
-      break;
-    case Capability::kAvx2:
-      fused_kernel::cpu_avx2::lars_sgd(slots, param_norms, out_ratios, options, scale);
-      break;
-    case Capability::kDefault:
-      fused_kernel::cpu_default::lars_sgd(slots, param_norms, out_ratios, options, scale);
-      break;
-  }
-  // Written in place, as by in-place ATen ops: their version counters say so (autograd, and
-  // lars::LARS's test for a stale carried norm, rely on it).
+  kernel()(slots, out_ratios, options, scale);
+  // Written in place, as by in-place ATen ops: their version counters say so (autograd relies
+  // on it).
   for (const auto i : c10::irange(n)) {
     if (slots[i].param.is_same(params[i])) {
       params[i].unsafeGetTensorImpl()->bump_version();
@@ -224,7 +180,6 @@ void lars_sgd_(
       }
     }
   }
-  param_norms.unsafeGetTensorImpl()->bump_version();
   if (trust_ratios) {
     trust_ratios->unsafeGetTensorImpl()->bump_version();
   }

@@ -1,15 +1,14 @@
 // The vectorised loops of the fused LARS + momentum-SGD step (lars/fused.h), compiled once
 // per CPU capability (fused_lars_sgd_kernel.h). They have the shape of ATen's fused SGD
 // kernel (aten/src/ATen/native/cpu/FusedSGDKernel.cpp): at::vec, fp32 arithmetic for half
-// types, at::parallel_for over fixed-size chunks, grad_scale folded in; and two additions,
-// the norm the trust ratio divides by (of g, or of the decayed g + wd * w) before the update,
-// and the parameter norm during it.
+// types, at::parallel_for over fixed-size chunks, grad_scale folded in; and one addition, a
+// first pass for the norms the trust ratio needs (of w, and of g or of the decayed
+// g + wd * w) before the update.
 //
 // Norms are summed in an order fixed by the tensor's size alone: kLanes partial sums per
 // chunk of kChunkNumel elements, the lanes then the chunks added in index order (and the
-// compiler may not fuse a multiply and an add: -ffp-contract=off). So a norm is the same bit
-// for bit whatever the thread count or the CPU capability, and the norm `lars_sgd_` carries
-// equals the one `lars_param_norms` recomputes.
+// compiler may not fuse a multiply and an add: -ffp-contract=off). So a step gives the same
+// bits whatever the thread count or the CPU capability.
 
 #include "fused_lars_sgd_kernel.h"
 
@@ -82,34 +81,6 @@ struct Lanes {
       }
     }
     return lanes;
-  }
-
-  // Writes the first `count` lanes to `data`, rounded to scalar_t, and returns the values
-  // written (in opmath_t) from registers rather than reading them back from memory, where a
-  // load right after a wider store has to wait for it.
-  template <typename Count>
-  C10_ALWAYS_INLINE Lanes stored(scalar_t* data, Count count) const {
-    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      if (count < kLanes) {
-        scalar_t padded[kLanes] = {};
-        stored(padded, std::integral_constant<int64_t, kLanes>());
-        std::memcpy(data, padded, count * sizeof(scalar_t));
-        return load(padded, std::integral_constant<int64_t, kLanes>());
-      }
-      constexpr int kSize = Vectorized<scalar_t>::size();
-      Lanes rounded;
-      for (int i = 0; i < kLanes / kSize; ++i) {
-        const Vectorized<scalar_t> packed = at::vec::convert_from_float<scalar_t>(vecs[2 * i], vecs[2 * i + 1]);
-        packed.store(data + i * kSize);
-        auto [low, high] = at::vec::convert_to_float<scalar_t>(packed);
-        rounded.vecs[2 * i] = low;
-        rounded.vecs[2 * i + 1] = high;
-      }
-      return rounded;
-    } else {
-      store(data, count);
-      return *this;
-    }
   }
 
   // Writes the first `count` lanes to `data`, rounded to scalar_t.
@@ -238,10 +209,9 @@ struct NormedGradient {
   opmath_t weight_decay;
 };
 
-// The sum of squares of grad[begin, end), made as `normed` says, and with kWithParam that of
-// param[begin, end) too, in one loop over both: each summed in the order in which it would be
-// alone.
-template <bool kWithParam, bool kDecayed, typename scalar_t>
+// The sums of squares of grad[begin, end), made as `normed` says, and of param[begin, end),
+// in one loop over both: each summed in the order in which it would be alone.
+template <bool kDecayed, typename scalar_t>
 std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> chunk_square_sums(
     const scalar_t* grad,
     const scalar_t* param,
@@ -262,30 +232,19 @@ std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> chunk_square_sum
     if (unscale) {
       g = map(g, [&](const Vec& v) { return v / divisor; });
     }
-    if constexpr (kWithParam || kDecayed) {
-      const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
-      if constexpr (kDecayed) { // as update_chunk makes d, to the bit
-        if (maximize) {
-          g = map(g, [](const Vec& v) { return v.neg(); });
-        }
-        if (decay) {
-          g = map(g, w, [&](const Vec& v, const Vec& p) { return v + weight_decay * p; });
-        }
+    const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
+    if constexpr (kDecayed) { // as update_chunk makes d, to the bit
+      if (maximize) {
+        g = map(g, [](const Vec& v) { return v.neg(); });
       }
-      if constexpr (kWithParam) {
-        param_sum.add(w, count);
+      if (decay) {
+        g = map(g, w, [&](const Vec& v, const Vec& p) { return v + weight_decay * p; });
       }
     }
+    param_sum.add(w, count);
     grad_sum.add(g, count);
   });
-  return {grad_sum.total(), kWithParam ? param_sum.total() : 0};
-}
-
-// The sum of squares of data[begin, end).
-template <typename scalar_t>
-at::opmath_type<scalar_t> chunk_square_sum(const scalar_t* data, int64_t begin, int64_t end) {
-  const NormedGradient<at::opmath_type<scalar_t>> plain{nullptr, false, false, 0};
-  return chunk_square_sums<false, false>(data, static_cast<const scalar_t*>(nullptr), begin, end, plain).first;
+  return {grad_sum.total(), param_sum.total()};
 }
 
 // Walks memory in order: the tensors are dense (fused_lars_sgd.cpp sees to it).
@@ -299,10 +258,9 @@ scalar_t* mutable_data_of(const at::Tensor& tensor) {
   return static_cast<scalar_t*>(tensor.mutable_data_ptr());
 }
 
-// The update of elements [begin, end) of one tensor; returns the sum of squares of the new
-// parameter values, as stored.
+// The update of elements [begin, end) of one tensor.
 template <typename scalar_t>
-at::opmath_type<scalar_t> update_chunk(
+void update_chunk(
     const Slot& slot,
     int64_t begin,
     int64_t end,
@@ -326,7 +284,6 @@ at::opmath_type<scalar_t> update_chunk(
   const bool decay = options.weight_decay != 0;
   const bool is_first_step = options.is_first_step;
   const bool nesterov = options.nesterov;
-  SquareSum<scalar_t> new_param_square_sum;
   for_each_block(begin, end, [&](int64_t i, auto count) {
     Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
     Lanes<scalar_t> d = Lanes<scalar_t>::load(grad + i, count);
@@ -349,24 +306,19 @@ at::opmath_type<scalar_t> update_chunk(
       b.store(buf + i, count);
       d = nesterov ? map(d, b, [&](const Vec& g, const Vec& m) { return g + m * momentum; }) : b;
     }
-    w = map(w, d, [&](const Vec& p, const Vec& g) { return p - g * lr; });
-    new_param_square_sum.add(w.stored(param + i, count), count); // the norm of the values stored
+    map(w, d, [&](const Vec& p, const Vec& g) { return p - g * lr; }).store(param + i, count);
   });
-  return new_param_square_sum.total();
 }
 
 template <typename scalar_t>
 void lars_sgd_typed(
     const std::vector<Slot>& slots,
-    const at::Tensor& param_norms,
     const at::Tensor& trust_ratios,
     const SgdOptions& options,
     const std::optional<double>& grad_scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t scale = grad_scale ? static_cast<opmath_t>(*grad_scale) : 0;
   const opmath_t* scale_ptr = grad_scale ? &scale : nullptr;
-  auto norms = param_norms.accessor<float, 1>();
-  const bool recompute = options.recompute_param_norms;
   const bool decayed = options.variant == TrustRatio::kDecayed;
   const NormedGradient<opmath_t> normed{
       scale_ptr, decayed, options.maximize, static_cast<opmath_t>(options.weight_decay)};
@@ -386,35 +338,25 @@ void lars_sgd_typed(
     }
     const std::vector<Chunk> chunks = chunks_of(numels, first, last);
     std::vector<opmath_t> partials(chunks.size());
-    std::vector<opmath_t> param_partials(recompute ? chunks.size() : 0);
+    std::vector<opmath_t> param_partials(chunks.size());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Chunk& chunk = chunks[c];
         const Slot& slot = slots[chunk.tensor];
         const scalar_t* grad = data_of<scalar_t>(slot.grad);
         const scalar_t* param = data_of<scalar_t>(slot.param);
-        if (recompute && decayed) {
-          std::tie(partials[c], param_partials[c]) =
-              chunk_square_sums<true, true>(grad, param, chunk.begin, chunk.end, normed);
-        } else if (recompute) {
-          std::tie(partials[c], param_partials[c]) =
-              chunk_square_sums<true, false>(grad, param, chunk.begin, chunk.end, normed);
-        } else if (decayed) {
-          partials[c] = chunk_square_sums<false, true>(grad, param, chunk.begin, chunk.end, normed).first;
-        } else {
-          partials[c] = chunk_square_sums<false, false>(grad, param, chunk.begin, chunk.end, normed).first;
-        }
+        std::tie(partials[c], param_partials[c]) = decayed
+            ? chunk_square_sums<true>(grad, param, chunk.begin, chunk.end, normed)
+            : chunk_square_sums<false>(grad, param, chunk.begin, chunk.end, normed);
       }
     });
     for (size_t c = 0; c < chunks.size();) {
       const int64_t i = chunks[c].tensor;
       const size_t next = c + (numels[i] + kChunkNumel - 1) / kChunkNumel;
-      if (recompute) {
-        norms[i] = norm_from_partials(param_partials, c, next);
-      }
+      const double param_norm = norm_from_partials(param_partials, c, next);
       const double grad_norm = norm_from_partials(partials, c, next);
       ratios[i] = static_cast<opmath_t>(trust_ratio(
-          norms[i], grad_norm, options.weight_decay, options.lr, options.eps, options.trust_coef, options.clip,
+          param_norm, grad_norm, options.weight_decay, options.lr, options.eps, options.trust_coef, options.clip,
           options.variant));
       if (trust_ratios.defined()) {
         trust_ratios.accessor<float, 1>()[i] = static_cast<float>(ratios[i]);
@@ -424,41 +366,10 @@ void lars_sgd_typed(
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Chunk& chunk = chunks[c];
-        partials[c] = update_chunk<scalar_t>(
-            slots[chunk.tensor], chunk.begin, chunk.end, ratios[chunk.tensor], options, scale_ptr);
+        update_chunk<scalar_t>(slots[chunk.tensor], chunk.begin, chunk.end, ratios[chunk.tensor], options, scale_ptr);
       }
     });
-    for (size_t c = 0; c < chunks.size();) {
-      const int64_t i = chunks[c].tensor;
-      const size_t next = c + (numels[i] + kChunkNumel - 1) / kChunkNumel;
-      norms[i] = norm_from_partials(partials, c, next);
-      c = next;
-    }
     first = last;
-  }
-}
-
-template <typename scalar_t>
-void param_norms_typed(const std::vector<at::Tensor>& tensors, const at::Tensor& norms) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  std::vector<int64_t> numels;
-  for (const auto& tensor : tensors) {
-    numels.push_back(tensor.numel());
-  }
-  const std::vector<Chunk> chunks = chunks_of(numels, 0, static_cast<int64_t>(numels.size()));
-  std::vector<opmath_t> partials(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& chunk = chunks[c];
-      partials[c] = chunk_square_sum<scalar_t>(data_of<scalar_t>(tensors[chunk.tensor]), chunk.begin, chunk.end);
-    }
-  });
-  auto out = norms.accessor<float, 1>();
-  size_t c = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    const size_t next = c + (numels[i] + kChunkNumel - 1) / kChunkNumel;
-    out[i] = norm_from_partials(partials, c, next);
-    c = next;
   }
 }
 
@@ -466,18 +377,11 @@ void param_norms_typed(const std::vector<at::Tensor>& tensors, const at::Tensor&
 
 void lars_sgd(
     const std::vector<Slot>& slots,
-    const at::Tensor& param_norms,
     const at::Tensor& trust_ratios,
     const SgdOptions& options,
     const std::optional<double>& grad_scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, slots[0].param.scalar_type(), "lars_sgd_", [&] {
-    lars_sgd_typed<scalar_t>(slots, param_norms, trust_ratios, options, grad_scale);
-  });
-}
-
-void param_norms(const std::vector<at::Tensor>& tensors, const at::Tensor& norms) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(), "lars_param_norms", [&] {
-    param_norms_typed<scalar_t>(tensors, norms);
+    lars_sgd_typed<scalar_t>(slots, trust_ratios, options, grad_scale);
   });
 }
 

@@ -33,21 +33,17 @@ struct SgdOptions {
   double eps;
   double trust_coef;
   bool clip;
-  bool recompute_param_norms;
   TrustRatio variant;
 };
 
-// The step of `slots` (one dtype); writes the new norms into `param_norms` and, if defined,
-// the ratios into `trust_ratios` (both fp32, CPU).
+// The step of `slots` (one dtype); writes, if it is defined, the ratios into `trust_ratios`
+// (fp32, CPU).
 #define LARS_FUSED_KERNEL_DECLARATIONS                                                   \
   void lars_sgd(                                                                          \
       const std::vector<Slot>& slots,                                                     \
-      const at::Tensor& param_norms,                                                      \
       const at::Tensor& trust_ratios,                                                     \
       const SgdOptions& options,                                                          \
-      const std::optional<double>& grad_scale);                                           \
-  /* The norms of dense `tensors` (one dtype) into `norms` (fp32, CPU). */               \
-  void param_norms(const std::vector<at::Tensor>& tensors, const at::Tensor& norms);
+      const std::optional<double>& grad_scale);
 
 namespace cpu_default {
 LARS_FUSED_KERNEL_DECLARATIONS

@@ -9,48 +9,8 @@
 #include <torch/optim/sgd.h>
 
 #include <algorithm>
-#include <iterator>
 
 namespace lars::detail {
-
-at::Tensor CarriedNorms::lookup(const std::vector<at::Tensor>& params) const {
-  at::Tensor norms = at::empty({static_cast<int64_t>(params.size())}, at::kFloat);
-  auto out = norms.accessor<float, 1>();
-  for (const auto j : c10::irange(params.size())) {
-    const auto carried = norms_.find(params[j].unsafeGetTensorImpl());
-    if (carried == norms_.end() || carried->second.data != params[j].const_data_ptr() ||
-        carried->second.version != params[j]._version()) {
-      return {};
-    }
-    out[j] = carried->second.norm;
-  }
-  return norms;
-}
-
-void CarriedNorms::carry(const std::vector<at::Tensor>& params, const at::Tensor& norms) {
-  const auto carried = norms.accessor<float, 1>();
-  for (const auto j : c10::irange(params.size())) {
-    const at::Tensor& param = params[j];
-    const auto known = norms_.find(param.unsafeGetTensorImpl());
-    if (known == norms_.end()) {
-      norms_.emplace(
-          param.unsafeGetTensorImpl(),
-          CarriedNorm{
-              c10::weak_intrusive_ptr<c10::TensorImpl>(param.getIntrusivePtr()), param.const_data_ptr(),
-              param._version(), carried[j]});
-    } else { // the same tensor: its weak reference keeps the address from being reused
-      known->second.data = param.const_data_ptr();
-      known->second.version = param._version();
-      known->second.norm = carried[j];
-    }
-  }
-}
-
-void CarriedNorms::forget_expired() {
-  for (auto carried = norms_.begin(); carried != norms_.end();) {
-    carried = carried->second.param.expired() ? norms_.erase(carried) : std::next(carried);
-  }
-}
 
 std::vector<std::pair<at::Tensor, at::Tensor>> TrustRatioRecord::ratios() const {
   std::vector<std::pair<at::Tensor, at::Tensor>> ratios;
@@ -65,10 +25,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> TrustRatioRecord::ratios() const 
 
 bool fused_sgd_supports(const std::vector<at::Tensor>& params) {
   return std::all_of(params.begin(), params.end(), [](const at::Tensor& param) {
-    const auto dtype = param.scalar_type();
-    // The dtypes the kernel dispatches on (fused_lars_sgd_kernel.cpp).
-    return param.device().is_cpu() && param.layout() == at::kStrided &&
-        (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf);
+    return param.device().is_cpu() && param.layout() == at::kStrided && fused_dtype(param.scalar_type());
   });
 }
 
@@ -77,7 +34,6 @@ void fused_sgd_step(
     const std::vector<at::Tensor>& grads,
     const FusedSGDSettings& settings,
     ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& state,
-    CarriedNorms& carried_norms,
     TrustRatioRecord& record) {
   struct Call {
     c10::ScalarType dtype;
@@ -113,19 +69,11 @@ void fused_sgd_step(
   }
   const at::Tensor lr = at::scalar_tensor(settings.lr, at::kDouble);
   for (auto& call : calls) {
-    // The carried norms if every one is still true, else all of them recomputed by the step
-    // itself, from the parameters it reads anyway.
-    at::Tensor norms = carried_norms.lookup(call.params);
-    const bool recompute = !norms.defined();
-    if (recompute) {
-      norms = at::empty({static_cast<int64_t>(call.params.size())}, at::kFloat);
-    }
     at::Tensor ratios = at::empty({static_cast<int64_t>(call.params.size())}, at::kFloat);
     lars_sgd_(
-        call.params, call.grads, call.momentum_buffers, norms, lr, settings.weight_decay, settings.momentum,
+        call.params, call.grads, call.momentum_buffers, lr, settings.weight_decay, settings.momentum,
         settings.dampening, settings.nesterov, settings.maximize, call.is_first_step, settings.eps,
-        settings.trust_coef, settings.clip, std::nullopt, std::nullopt, recompute, settings.trust_ratio, ratios);
-    carried_norms.carry(call.params, norms);
+        settings.trust_coef, settings.clip, std::nullopt, std::nullopt, settings.trust_ratio, ratios);
     record.add(std::move(call.params), std::move(ratios));
   }
 }

@@ -264,7 +264,6 @@ torch::Tensor LARS::step(LossClosure closure) {
   copy_param_groups_to_base();
   trust_ratios_.clear();
   if (steps_fused(*base_, variant, params)) {
-    carried_norms_.forget_expired();
     {
       at::NoGradGuard no_grad;
       for (const auto k : c10::irange(adapted.size())) {
@@ -272,7 +271,7 @@ torch::Tensor LARS::step(LossClosure closure) {
         const detail::FusedSGDSettings settings{
             sgd.lr(), sgd.weight_decay(), sgd.momentum(), sgd.dampening(), sgd.nesterov(), /*maximize=*/false,
             options_.eps(), options_.trust_coef(), options_.clip(), variant};
-        detail::fused_sgd_step(params[k], grads[k], settings, base_->state(), carried_norms_, trust_ratios_);
+        detail::fused_sgd_step(params[k], grads[k], settings, base_->state(), trust_ratios_);
       }
     }
     if (adapted.size() < param_groups_.size()) {
@@ -281,7 +280,6 @@ torch::Tensor LARS::step(LossClosure closure) {
     }
     return loss;
   }
-  carried_norms_.clear(); // the parameters are written by other means from here on
   {
     at::NoGradGuard no_grad;
     for (const auto k : c10::irange(adapted.size())) {
@@ -316,7 +314,6 @@ torch::Tensor LARS::step(LossClosure closure) {
 }
 
 void LARS::update_step(const std::vector<size_t>& adapted, const std::vector<std::vector<at::Tensor>>& params) {
-  carried_norms_.clear(); // the base writes the parameters
   trust_ratios_.clear();
   // The parameters of each group by device and dtype, for one multi-tensor call each, and
   // their values before the base's step.
@@ -402,7 +399,6 @@ void LARS::load(torch::serialize::InputArchive& archive) {
   for (const auto& group : base_->param_groups()) {
     param_groups_.emplace_back(group);
   }
-  carried_norms_.clear(); // the norms of the loaded parameters are recomputed, to the same bits
   trust_ratios_.clear();
 }
 

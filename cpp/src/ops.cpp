@@ -33,7 +33,6 @@ void lars_sgd_op(
     at::TensorList params,
     at::TensorList grads,
     at::TensorList momentum_buffers,
-    const at::Tensor& param_norms,
     const at::Tensor& lr,
     double weight_decay,
     double momentum,
@@ -46,13 +45,11 @@ void lars_sgd_op(
     bool clip,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
-    bool recompute_param_norms,
     c10::string_view trust_ratio,
     const std::optional<at::Tensor>& trust_ratios) {
   lars::lars_sgd_(
-      params, grads, momentum_buffers, param_norms, lr, weight_decay, momentum, dampening, nesterov, maximize,
-      is_first_step, eps, trust_coef, clip, grad_scale, found_inf, recompute_param_norms,
-      lars::parse_trust_ratio(trust_ratio, "lars_sgd_"), trust_ratios);
+      params, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize,
+      is_first_step, eps, trust_coef, clip, grad_scale, found_inf, lars::parse_trust_ratio(trust_ratio, "lars_sgd_"), trust_ratios);
 }
 
 } // namespace
@@ -62,13 +59,11 @@ TORCH_LIBRARY(torchlars, m) {
       "lars_scale_gradients_(Tensor[] params, Tensor(a!)[] grads, *, float weight_decay, "
       "Tensor lr, float eps, float trust_coef, bool clip, str trust_ratio=\"paper\", "
       "Tensor(b!)? trust_ratios=None) -> ()");
-  m.def("lars_param_norms(Tensor[] tensors) -> Tensor");
   m.def(
-      "lars_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!) param_norms, *, Tensor lr, float weight_decay, float momentum, float dampening, "
-      "bool nesterov, bool maximize, bool is_first_step, float eps, float trust_coef, bool clip, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, bool recompute_param_norms=False, "
-      "str trust_ratio=\"paper\", Tensor(d!)? trust_ratios=None) -> ()");
+      "lars_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, Tensor lr, "
+      "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+      "bool is_first_step, float eps, float trust_coef, bool clip, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, str trust_ratio=\"paper\", Tensor(c!)? trust_ratios=None) -> ()");
 }
 
 // lars_scale_gradients_ is composed of ATen ops, so one kernel serves every device. The
@@ -76,7 +71,6 @@ TORCH_LIBRARY(torchlars, m) {
 // CUDA or sparse tensors so (and that CUDA tensors take the foreach path).
 TORCH_LIBRARY_IMPL(torchlars, CompositeExplicitAutograd, m) {
   m.impl("lars_scale_gradients_", &lars_scale_gradients_op);
-  m.impl("lars_param_norms", &lars::lars_param_norms);
   m.impl("lars_sgd_", &lars_sgd_op);
 }
 

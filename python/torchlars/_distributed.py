@@ -4,8 +4,9 @@ A DTensor's local tensor is only a piece of its parameter, but the trust ratio n
 of the whole parameter and of its whole gradient. Each rank takes the sums of squares of its
 own pieces, the sums of every layer of every param group on a device mesh are reduced in one
 ``all_reduce``, and each rank then scales its own pieces of the gradients with
-:func:`torchlars._functional._scale_by_trust_ratio_`. One collective per mesh and step, however
-many layers, and no host synchronisation.
+:func:`torchlars._functional.scale_by_trust_ratio_` (or, for ``trust_ratio="update"``, its pieces
+of the base's step with :func:`torchlars._functional.scale_update_`). One collective per mesh
+and step, however many layers, and no host synchronisation.
 
 Along a mesh dimension a parameter is either cut into pieces (``Shard``, and the strided shards
 of FSDP2 with tensor parallelism), whose sums of squares add up, or copied (``Replicate``), in
@@ -25,12 +26,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torchlars._functional import _param_and_grad_norms, _scale_by_trust_ratio_, decay_
+from torchlars._foreach import decay_, norms
+from torchlars._functional import scale_by_trust_ratio_, scale_update_
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["flat_shard_problem", "is_dtensor", "lars_scale_dtensor_gradients_", "sharding_problem", "split_dtensors"]
+__all__ = [
+    "flat_shard_problem",
+    "is_dtensor",
+    "lars_scale_dtensor_gradients_",
+    "lars_update_dtensors_",
+    "sharding_problem",
+    "split_dtensors",
+]
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -118,47 +127,19 @@ def lars_scale_dtensor_gradients_(
     ``k``. Every rank of a mesh passes the same parameters in the same order (FSDP2 does).
     Returns the DTensor parameters with their ratios, as the plain path does.
     """
-    # Per mesh, the local pieces grouped by param group, dtype and the mesh dimensions along
-    # which they are copies. The layout depends on the placements only, so it is the same on
-    # every rank and the reduced sums line up.
-    layouts: dict[DeviceMesh, dict[_PieceKind, tuple[list[Tensor], list[Tensor]]]] = {}
-    dtensor_params: dict[DeviceMesh, dict[_PieceKind, list[Tensor]]] = {}
-    ratios = []
-    for group_index, (group_params, group_grads) in enumerate(zip(params, grads)):
-        for param, grad in zip(group_params, group_grads):
-            copied_along = tuple(dim for dim, placement in enumerate(param.placements) if placement.is_replicate())
-            kind = (group_index, param.dtype, copied_along)
-            local_params, local_grads = layouts.setdefault(param.device_mesh, {}).setdefault(kind, ([], []))
-            local_params.append(param.to_local())
-            local_grads.append(grad.to_local())
-            dtensor_params.setdefault(param.device_mesh, {}).setdefault(kind, []).append(param)
+    pieces = _pieces(params, [[param.to_local() for param in group] for group in params],
+                     [[grad.to_local() for grad in group] for group in grads])
     if variant == "decayed":  # the ratio is taken from the decayed gradient: decay first
-        for layout in layouts.values():
-            for (group_index, _, _), (local_params, local_grads) in layout.items():
+        for layout in pieces.values():
+            for (group_index, _, _), (_, local_params, local_grads) in layout.items():
                 decay_(local_params, local_grads, weight_decays[group_index])
-
-    for mesh, layout in layouts.items():
-        # Phase 1: the whole norms, from the local sums of squares and one collective.
-        reduced_dims, process_groups = _reduction(mesh, layout)
-        coordinate = mesh.get_coordinate()
-        local_norms = []
-        for (_, dtype, copied_along), (local_params, local_grads) in layout.items():
-            norms = torch.cat(_param_and_grad_norms(local_params, local_grads, dtype))
-            if any(coordinate[dim] != 0 for dim in copied_along if dim in reduced_dims):
-                norms = torch.zeros_like(norms)  # a copy, counted by the rank at coordinate 0
-            local_norms.append(norms)
-        sums_of_squares = torch.cat(local_norms).square_()
-        for process_group in process_groups:
-            dist.all_reduce(sums_of_squares, op=dist.ReduceOp.SUM, group=process_group)
-        whole_norms = sums_of_squares.sqrt_().split([len(norms) for norms in local_norms])
-
-        # Phase 2: each rank scales its own pieces of the gradients.
-        for (kind, (local_params, local_grads)), norms, local in zip(
-            layout.items(), whole_norms, local_norms
+    ratios = []
+    for mesh, layout in pieces.items():
+        for (kind, (dtensors, local_params, local_grads)), (param_norms, grad_norms) in zip(
+            layout.items(), _whole_norms(mesh, layout)
         ):
             group_index = kind[0]
-            param_norms, grad_norms = norms.to(local.dtype).chunk(2)
-            kind_ratios = _scale_by_trust_ratio_(
+            kind_ratios = scale_by_trust_ratio_(
                 local_params,
                 local_grads,
                 param_norms,
@@ -170,8 +151,84 @@ def lars_scale_dtensor_gradients_(
                 clip=clip,
                 variant=variant,
             )
-            ratios.append((dtensor_params[mesh][kind], kind_ratios))
+            ratios.append((dtensors, kind_ratios))
     return ratios
+
+
+def lars_update_dtensors_(
+    params: list[list[Tensor]],
+    locals_before: list[list[Tensor]],
+    *,
+    lrs: list[float | Tensor],
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    """:func:`torchlars._functional.lars_update_` for DTensors, all param groups at once.
+
+    ``locals_before[k][i]`` is a copy of ``params[k][i].to_local()`` taken before the base's step.
+    One collective per mesh for the norms of the weights and of the steps.
+    """
+    minus_steps = [  # w_before - w, per local piece
+        torch._foreach_sub(before, [param.to_local() for param in group]) if before else []
+        for group, before in zip(params, locals_before)
+    ]
+    pieces = _pieces(params, locals_before, minus_steps)
+    ratios = []
+    for mesh, layout in pieces.items():
+        whole = _whole_norms(mesh, layout)
+        for (kind, (dtensors, _, local_steps)), (param_norms, step_norms) in zip(layout.items(), whole):
+            kind_ratios = scale_update_(
+                [param.to_local() for param in dtensors],
+                local_steps,
+                param_norms,
+                step_norms,
+                lr=lrs[kind[0]],
+                eps=eps,
+                trust_coef=trust_coef,
+                clip=clip,
+            )
+            ratios.append((dtensors, kind_ratios))
+    return ratios
+
+
+def _pieces(
+    params: list[list[Tensor]], first: list[list[Tensor]], second: list[list[Tensor]]
+) -> dict[DeviceMesh, dict[_PieceKind, tuple[list[Tensor], list[Tensor], list[Tensor]]]]:
+    """Per mesh, the DTensor parameters with two lists of their local pieces (the weights and
+    gradients, or the weights and steps), grouped by param group, dtype and the mesh dimensions
+    along which they are copies. The layout depends on the placements only, so it is the same
+    on every rank and the reduced sums line up."""
+    pieces: dict[DeviceMesh, dict[_PieceKind, tuple[list[Tensor], list[Tensor], list[Tensor]]]] = {}
+    for group_index, (group_params, group_first, group_second) in enumerate(zip(params, first, second)):
+        for param, a, b in zip(group_params, group_first, group_second):
+            copied_along = tuple(dim for dim, placement in enumerate(param.placements) if placement.is_replicate())
+            kind = (group_index, param.dtype, copied_along)
+            dtensors, firsts, seconds = pieces.setdefault(param.device_mesh, {}).setdefault(kind, ([], [], []))
+            dtensors.append(param)
+            firsts.append(a)
+            seconds.append(b)
+    return pieces
+
+
+def _whole_norms(
+    mesh: DeviceMesh, layout: dict[_PieceKind, tuple[list[Tensor], list[Tensor], list[Tensor]]]
+) -> list[tuple[Tensor, Tensor]]:
+    """Per kind of ``layout``, the norms of the whole tensors whose local pieces are its two
+    lists: from the local sums of squares and one collective (per sharded dimension)."""
+    reduced_dims, process_groups = _reduction(mesh, layout)
+    coordinate = mesh.get_coordinate()
+    local_norms = []
+    for (_, dtype, copied_along), (_, first, second) in layout.items():
+        kind_norms = torch.cat([norms(first, dtype), norms(second, dtype)])
+        if any(coordinate[dim] != 0 for dim in copied_along if dim in reduced_dims):
+            kind_norms = torch.zeros_like(kind_norms)  # a copy, counted by the rank at coordinate 0
+        local_norms.append(kind_norms)
+    sums_of_squares = torch.cat(local_norms).square_()
+    for process_group in process_groups:
+        dist.all_reduce(sums_of_squares, op=dist.ReduceOp.SUM, group=process_group)
+    whole = sums_of_squares.sqrt_().split([len(kind_norms) for kind_norms in local_norms])
+    return [tuple(norms_of_kind.to(local.dtype).chunk(2)) for norms_of_kind, local in zip(whole, local_norms)]
 
 
 # (param group index, dtype, mesh dimensions along which the parameter is replicated)
@@ -179,7 +236,7 @@ _PieceKind = tuple[int, torch.dtype, tuple[int, ...]]
 
 
 def _reduction(
-    mesh: DeviceMesh, layout: dict[_PieceKind, tuple[list[Tensor], list[Tensor]]]
+    mesh: DeviceMesh, layout: dict[_PieceKind, tuple[list[Tensor], list[Tensor], list[Tensor]]]
 ) -> tuple[list[int], list[dist.ProcessGroup]]:
     """The mesh dimensions the sums of squares are summed over, and the groups to do it with."""
     copied_along = [kind[2] for kind in layout]

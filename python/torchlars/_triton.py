@@ -19,7 +19,10 @@ steps), as Triton's grouped-GEMM tutorial finds its matrices. The jobs:
   with GradScaler's ``grad_scale`` and ``found_inf`` read on the device.
 
 The kernels are registered with ``torch.library.triton_op`` (namespace ``torchlars_triton``),
-so each is one operator to a dispatch mode and to ``torch.compile``.
+so each is one operator to a dispatch mode. A step calls them through one opaque custom
+operator per bucket (``scale_gradients_step_``, ``lars_sgd_step_``), which a compiled step
+calls as it is: the tables are found by the tensors' data pointers, which only a running step
+has, so they cannot be traced.
 """
 
 from __future__ import annotations
@@ -369,18 +372,56 @@ def scale_gradients_(
 ) -> Tensor:
     r""":math:`g \leftarrow (g + \lambda w) \cdot r` for one device and dtype, in 3 kernels and the ratio's
     few tensor ops; returns the fp32 ratios it used."""
-    tables = tables_for(params, grads)
-    param_norms, grad_norms = norms(params, grads, tables, weight_decay=weight_decay, decayed=variant == "decayed")
-    ratios = trust_ratio(
-        param_norms, grad_norms, variant=variant, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef,
-        clip=clip,
-    )
+    ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device)
     weight_decay_tensor = weight_decay if isinstance(weight_decay, Tensor) else None
-    torch.ops.torchlars_triton.scale_gradients_(
-        params, grads, tables.storage, tables.num_chunks, ratios, weight_decay_tensor,
-        0.0 if weight_decay_tensor is not None else float(weight_decay),
+    torch.ops.torchlars_triton.scale_gradients_step_(
+        params, grads, ratios, _as_tensor(lr), weight_decay_tensor,
+        0.0 if weight_decay_tensor is not None else float(weight_decay), eps, trust_coef, clip, variant,
     )
     return ratios
+
+
+@torch.library.custom_op("torchlars_triton::scale_gradients_step_", mutates_args=("grads", "trust_ratios"))
+def _scale_gradients_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    trust_ratios: Tensor,
+    lr: Tensor,
+    weight_decay_tensor: Tensor | None,
+    weight_decay: float,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    variant: str,
+) -> None:
+    """The whole gradient scaling as one operator, which a compiled step calls as it is: its
+    tables are found by the tensors' data pointers, which only a running step has."""
+    wd = weight_decay if weight_decay_tensor is None else weight_decay_tensor
+    tables = tables_for(params, grads)
+    param_norms, grad_norms = norms(params, grads, tables, weight_decay=wd, decayed=variant == "decayed")
+    ratios = trust_ratio(
+        param_norms, grad_norms, variant=variant, weight_decay=wd, lr=_host_lr(lr, params[0]), eps=eps,
+        trust_coef=trust_coef, clip=clip,
+    )
+    torch.ops.torchlars_triton.scale_gradients_(
+        params, grads, tables.storage, tables.num_chunks, ratios, weight_decay_tensor, weight_decay
+    )
+    trust_ratios.copy_(ratios)
+
+
+@_scale_gradients_step_.register_fake
+def _(params, grads, trust_ratios, lr, weight_decay_tensor, weight_decay, eps, trust_coef, clip, variant) -> None:
+    return None
+
+
+def _as_tensor(lr: float | Tensor) -> Tensor:
+    return lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+
+
+def _host_lr(lr: Tensor, like: Tensor) -> float | Tensor:
+    """A CPU ``lr`` for a GPU step as a number, read on the host (no device sync), as torch's fused
+    SGD reads it; an ``lr`` on the step's device as it is."""
+    return lr if lr.device == like.device else float(lr)
 
 
 def lars_sgd_(
@@ -400,24 +441,24 @@ def lars_sgd_(
     trust_coef: float,
     clip: bool,
     variant: str = "paper",
-) -> Tensor:
+) -> list[tuple[list[Tensor], Tensor]]:
     """``torchlars._functional.lars_sgd`` for one device and dtype: the norms (2 kernels), the
     ratio's tensor ops and one update kernel. A buffer that is None is created here (a first
     step) and put into ``momentum_buffer_list``. ``grads`` are left as they are. Returns the
-    fp32 ratios it used."""
+    parameters and the fp32 ratios of each call: one, or two when some buffers exist and some
+    do not (a parameter that got its first gradient late)."""
     if momentum == 0:
         buffers: list[Tensor] = []
         first_step = False
     else:
         first_step = any(buffer is None for buffer in momentum_buffer_list)
         if first_step and not all(buffer is None for buffer in momentum_buffer_list):
-            # Some buffers exist, some do not (a parameter that got its first gradient late):
-            # one call per kind, as rare as it is.
-            ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device)
+            # One call per kind of buffer, as rare as it is.
+            calls = []
             for is_new in (False, True):
                 positions = [i for i, buffer in enumerate(momentum_buffer_list) if (buffer is None) == is_new]
                 part_buffers = [momentum_buffer_list[i] for i in positions]
-                ratios[positions] = lars_sgd_(
+                calls += lars_sgd_(
                     [params[i] for i in positions], [grads[i] for i in positions], part_buffers,
                     grad_scale=grad_scale, found_inf=found_inf, lr=lr, weight_decay=weight_decay, momentum=momentum,
                     dampening=dampening, nesterov=nesterov, maximize=maximize, eps=eps, trust_coef=trust_coef,
@@ -425,26 +466,63 @@ def lars_sgd_(
                 )
                 for i, buffer in zip(positions, part_buffers):
                     momentum_buffer_list[i] = buffer
-            return ratios
+            return calls
         if first_step:
             momentum_buffer_list[:] = [torch.empty_like(param) for param in params]
         buffers = momentum_buffer_list
-    tables = tables_for(params, grads, *([buffers] if buffers else []))
+    ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device)
+    torch.ops.torchlars_triton.lars_sgd_step_(
+        params, grads, buffers, ratios, _as_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
+        float(dampening), nesterov, maximize, first_step, eps, trust_coef, clip, variant,
+    )
+    return [(params, ratios)]
+
+
+@torch.library.custom_op(
+    "torchlars_triton::lars_sgd_step_", mutates_args=("params", "momentum_buffers", "trust_ratios")
+)
+def _lars_sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    trust_ratios: Tensor,
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    eps: float,
+    trust_coef: float,
+    clip: bool,
+    variant: str,
+) -> None:
+    """The whole step of a bucket as one operator, which a compiled step calls as it is: its
+    tables are found by the tensors' data pointers, which only a running step has. Writes the
+    ratios it used into ``trust_ratios``."""
+    tables = tables_for(params, grads, *([momentum_buffers] if momentum_buffers else []))
     sign = -1.0 if maximize else 1.0
     param_norms, grad_norms = norms(
         params, grads, tables, grad_scale=grad_scale, weight_decay=weight_decay, sign=sign,
         decayed=variant == "decayed",
     )
+    host_lr = _host_lr(lr, params[0])
     ratios = trust_ratio(
-        param_norms, grad_norms, variant=variant, weight_decay=weight_decay, lr=lr, eps=eps, trust_coef=trust_coef,
-        clip=clip,
+        param_norms, grad_norms, variant=variant, weight_decay=weight_decay, lr=host_lr, eps=eps,
+        trust_coef=trust_coef, clip=clip,
     )
-    # A CPU tensor lr for a GPU step is read on the host (no device sync), as torch's fused SGD does.
-    lr_tensor = lr if isinstance(lr, Tensor) and lr.device == params[0].device else None
+    lr_tensor = host_lr if isinstance(host_lr, Tensor) else None
     torch.ops.torchlars_triton.lars_sgd_(
-        params, grads, buffers, tables.storage, tables.num_chunks, ratios, grad_scale, found_inf,
-        lr_tensor,
-        0.0 if lr_tensor is not None else float(lr), float(weight_decay), sign, float(momentum), float(dampening),
-        nesterov, first_step,
+        params, grads, momentum_buffers, tables.storage, tables.num_chunks, ratios, grad_scale, found_inf, lr_tensor,
+        0.0 if lr_tensor is not None else host_lr, weight_decay, sign, momentum, dampening, nesterov, first_step,
     )
-    return ratios
+    trust_ratios.copy_(ratios)
+
+
+@_lars_sgd_step_.register_fake
+def _(params, grads, momentum_buffers, trust_ratios, lr, grad_scale, found_inf, weight_decay, momentum, dampening,
+      nesterov, maximize, first_step, eps, trust_coef, clip, variant) -> None:
+    return None

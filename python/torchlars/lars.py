@@ -15,18 +15,19 @@ from torch.optim import Optimizer
 from torchlars._distributed import (
     flat_shard_problem,
     lars_scale_dtensor_gradients_,
-    sharding_problem,
+    lars_update_dtensors_,
     split_dtensors,
 )
-from torchlars._functional import TRUST_RATIOS, lars_scale_gradients_, lars_scaled_gradients, lars_update_
-from torchlars.lars_sgd import (
-    forget_carried_norms,
-    prepare_step_witnesses,
+from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients, lars_update_
+from torchlars._optimizer import (
+    check_lars_settings,
+    evaluate_closure,
+    params_with_dense_grads,
+    position,
     record_trust_ratios,
-    step_lars_of_fused_sgd,
     trust_ratios_of,
-    wraps_fused_sgd,
 )
+from torchlars.lars_sgd import step_lars_of_fused_sgd, wraps_fused_sgd
 
 __all__ = ["LARS", "exclude_bias_and_norm", "named_trust_ratios"]
 
@@ -106,7 +107,7 @@ class LARS(Optimizer):
             )
         if isinstance(optimizer, LARS):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
-        _check_settings(eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
+        check_lars_settings("LARS", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
         _check_backend(backend)
         if trust_ratio == "update" and backend != "foreach":
             raise ValueError(
@@ -174,7 +175,6 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("trust_ratio", "paper")
         super().__setstate__(state)
-        prepare_step_witnesses(self)  # for a compiled fused SGD step (lars_sgd.step_lars_of_fused_sgd)
 
     def __repr__(self) -> str:
         base = "\n".join("    " + line for line in repr(self.optim).splitlines())
@@ -215,17 +215,28 @@ class LARS(Optimizer):
 
     def _step_and_scale_update(self, adapted_groups: list[dict[str, Any]]) -> None:
         """``trust_ratio="update"``: the base steps with all its options, then LARS scales its step."""
-        gathered = [_params_with_dense_grads(group, self.param_groups) for group in adapted_groups]
+        # Per group, (plain params, grads) and (DTensor params, grads).
+        gathered = [split_dtensors(*params_with_dense_grads(group, self.param_groups, "LARS")) for group in adapted_groups]
         with torch.no_grad():
             # Before the base writes them: the weights the ratio is taken from and the step starts at.
-            params_before = [torch._foreach_mul(params, 1.0) if params else [] for params, _ in gathered]
+            before = [torch._foreach_mul(params, 1.0) if params else [] for (params, _), _ in gathered]
+            dtensors_before = [[param.to_local().clone() for param in params] for _, (params, _) in gathered]
         self._step_base()
         ratios = []
         with torch.no_grad():
-            for group, (params, _), before in zip(adapted_groups, gathered, params_before):
+            for group, ((params, _), _), params_before in zip(adapted_groups, gathered, before):
                 ratios += lars_update_(
-                    params, before, lr=group["lr"], eps=self.eps, trust_coef=self.trust_coef, clip=self.clip
+                    params, params_before, lr=group["lr"], eps=self.eps, trust_coef=self.trust_coef, clip=self.clip
                 )
+            # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
+            ratios += lars_update_dtensors_(
+                [params for _, (params, _) in gathered],
+                dtensors_before,
+                lrs=[group["lr"] for group in adapted_groups],
+                eps=self.eps,
+                trust_coef=self.trust_coef,
+                clip=self.clip,
+            )
         record_trust_ratios(self, ratios)
 
     def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -271,7 +282,7 @@ class LARS(Optimizer):
 
     def _scale_gradients(self, adapted_groups: list[dict[str, Any]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         # Per group, (plain params, grads) and (DTensor params, grads).
-        gathered = [split_dtensors(*_params_with_dense_grads(group, self.param_groups)) for group in adapted_groups]
+        gathered = [split_dtensors(*params_with_dense_grads(group, self.param_groups, "LARS")) for group in adapted_groups]
         for group, (_, (dtensor_params, _)) in zip(adapted_groups, gathered):
             if group.get("differentiable", False) and dtensor_params:
                 raise ValueError(
@@ -333,7 +344,6 @@ class LARS(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optim.add_param_group(param_group)
-        prepare_step_witnesses(self)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict, plus LARS's settings under ``"lars"``.
@@ -365,9 +375,8 @@ class LARS(Optimizer):
         settings = state_dict.pop("lars", None)
         if settings is not None:
             settings = {"trust_ratio": self.trust_ratio, **settings}
-            _check_settings(**settings)
+            check_lars_settings("LARS", **settings)
         self.optim.load_state_dict(state_dict)
-        forget_carried_norms(self)
         if settings is not None:
             self.eps = float(settings["eps"])
             self.trust_coef = float(settings["trust_coef"])
@@ -375,25 +384,6 @@ class LARS(Optimizer):
             self.trust_ratio = settings["trust_ratio"]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
-    """The closure's loss, computed with grad enabled (``step`` may run under ``no_grad``)."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def _check_settings(*, eps: float, trust_coef: float, clip: bool, trust_ratio: str) -> None:
-    if trust_ratio not in TRUST_RATIOS:
-        raise ValueError(f"LARS: `trust_ratio` must be one of {', '.join(map(repr, TRUST_RATIOS))}, got {trust_ratio!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"LARS: `eps` must be non-negative, got {eps}")
-    if not trust_coef >= 0.0:
-        raise ValueError(f"LARS: `trust_coef` must be non-negative, got {trust_coef}")
-    if not isinstance(clip, bool):
-        raise TypeError(f"LARS: `clip` must be a bool, got {torch.typename(clip)}")
 
 
 # Bases that divide each coordinate by a running scale of its own, cancelling a per-layer factor.
@@ -444,7 +434,7 @@ def _check_base(optimizer: Optimizer, backend: str) -> None:
         for param in group["params"]:
             problem = flat_shard_problem(param)
             if problem is not None:
-                raise ValueError(f"LARS cannot scale {_position(param, group, optimizer.param_groups)}: {problem}")
+                raise ValueError(f"LARS cannot scale {position(param, group, optimizer.param_groups)}: {problem}")
 
 
 def _torch_use_grad_code() -> Any:
@@ -496,32 +486,6 @@ def _check_backend(backend: str) -> None:
     if backend == "cpp":
         # Fails here, not at the first step, when the C++ extension is missing.
         import torchlars.ops  # noqa: F401
-
-
-def _params_with_dense_grads(
-    group: dict[str, Any], param_groups: list[dict[str, Any]]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    params, grads = [], []
-    for param in group["params"]:
-        if param.grad is None:
-            continue
-        if param.grad.is_sparse:
-            raise RuntimeError(
-                f"LARS does not support sparse gradients: {_position(param, group, param_groups)} "
-                "has one. Put it in a group with \"lars_exclude\": True, or use "
-                "a dense gradient (e.g. nn.Embedding(sparse=False))."
-            )
-        problem = sharding_problem(param)
-        if problem is not None:
-            raise RuntimeError(f"LARS cannot scale {_position(param, group, param_groups)}: {problem}")
-        params.append(param)
-        grads.append(param.grad)
-    return params, grads
-
-
-def _position(param: torch.Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]]) -> str:
-    param_index = next(i for i, p in enumerate(group["params"]) if p is param)
-    return f"parameter {param_index} of param group {_group_index(group, param_groups)}"
 
 
 def _group_index(group: dict[str, Any], param_groups: list[dict[str, Any]]) -> int:

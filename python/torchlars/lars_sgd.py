@@ -11,24 +11,24 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
-from torchlars._functional import (
-    FUSED_DTYPES,
+from torchlars._functional import lars_sgd
+from torchlars._kernels import (
+    check_fused_param,
     fused_lars_sgd_supports,
-    lars_sgd,
     skipped_by_grad_scaler,
     triton_lars_sgd_supports,
 )
-from torchlars._param_norms import CarriedParamNorms
+from torchlars._optimizer import (
+    check_lars_settings,
+    evaluate_closure,
+    forget_trust_ratios,
+    params_with_dense_grads,
+    position,
+    record_trust_ratios,
+    trust_ratios_of,
+)
 
-__all__ = [
-    "LARSSGD",
-    "forget_carried_norms",
-    "prepare_step_witnesses",
-    "record_trust_ratios",
-    "step_lars_of_fused_sgd",
-    "trust_ratios_of",
-    "wraps_fused_sgd",
-]
+__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd"]
 
 
 class LARSSGD(Optimizer):
@@ -103,18 +103,10 @@ class LARSSGD(Optimizer):
             raise ValueError(f"LARSSGD: `weight_decay` must be non-negative, got {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("LARSSGD: `nesterov=True` needs a positive `momentum` and `dampening=0`")
-        if not eps >= 0.0:
-            raise ValueError(f"LARSSGD: `eps` must be non-negative, got {eps}")
-        if not trust_coef >= 0.0:
-            raise ValueError(f"LARSSGD: `trust_coef` must be non-negative, got {trust_coef}")
-        if trust_ratio not in ("paper", "decayed"):
-            raise ValueError(
-                f"LARSSGD: `trust_ratio` must be 'paper' or 'decayed', got {trust_ratio!r}; the "
-                "'update' ratio (LAMB) scales a base optimizer's step: use "
-                "torchlars.LARS(base, trust_ratio='update')"
-            )
-        if not isinstance(clip, bool):
-            raise TypeError(f"LARSSGD: `clip` must be a bool, got {torch.typename(clip)}")
+        check_lars_settings(
+            "LARSSGD", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio,
+            trust_ratios=("paper", "decayed"),
+        )
         if fused and foreach:
             raise ValueError("LARSSGD: `fused=True` and `foreach=True` cannot be set together")
         defaults = {
@@ -146,24 +138,16 @@ class LARSSGD(Optimizer):
             and (fused_lars_sgd_supports(all_params) or triton_lars_sgd_supports(all_params))
         )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        prepare_step_witnesses(self)
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # A plain torch.optim.SGD state dict has none of LARS's settings: take the defaults.
         for group in self.param_groups:
             for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip", "trust_ratio"):
                 group.setdefault(name, self.defaults[name])
-        # load_state_dict calls this too: a loaded state dict usually comes with loaded parameters.
-        forget_carried_norms(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop(_CARRIED_NORMS, None)
-        state.pop(_STEP_WITNESSES, None)
-        state.pop(_TRUST_RATIOS, None)
+        forget_trust_ratios(state)
         return state
 
     def trust_ratios(self) -> dict[Tensor, Tensor]:
@@ -181,28 +165,20 @@ class LARSSGD(Optimizer):
             closure: re-evaluates the model and returns the loss; it runs first (with grad
                 enabled), so the gradients it produces are the ones stepped on.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         # Every group's gradients are checked before any parameter changes.
-        gathered = [
-            params_with_dense_grads(group, group_index, "LARSSGD")
-            for group_index, group in enumerate(self.param_groups)
-        ]
+        gathered = [_params_and_grads(group, self.param_groups, "LARSSGD") for group in self.param_groups]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if skipped_by_grad_scaler(found_inf):
             return loss
         ratios = []
         with torch.no_grad():
-            for group_index, (group, (params, grads)) in enumerate(zip(self.param_groups, gathered)):
+            for group, (params, grads) in zip(self.param_groups, gathered):
                 ratios += step_group(
                     group,
                     params,
                     grads,
                     self.state,
-                    carried_norms=carried_norms_of(self, group_index),
-                    step_witness=step_witness_of(self, group_index),
                     eps=group["eps"],
                     trust_coef=group["trust_coef"],
                     clip=group["clip"],
@@ -222,25 +198,20 @@ def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]
     """
     base = lars.optim
     param_groups = base.param_groups
-    indices = [next(i for i, g in enumerate(param_groups) if g is group) for group in adapted_groups]
-    # Every group's gradients are checked before any parameter changes.
-    # wraps_fused_sgd, which chose this path, has checked every adapted parameter.
-    gathered = [
-        params_with_dense_grads(group, index, "LARS", fused_checked=True) for group, index in zip(adapted_groups, indices)
-    ]
+    # Every group's gradients are checked before any parameter changes (wraps_fused_sgd, which
+    # chose this path, has checked that the fused kernels step every adapted parameter).
+    gathered = [params_with_dense_grads(group, param_groups, "LARS") for group in adapted_groups]
     grad_scale, found_inf = getattr(lars, "grad_scale", None), getattr(lars, "found_inf", None)
     if skipped_by_grad_scaler(found_inf):
         return
     ratios = []
     with torch.no_grad():
-        for group, index, (params, grads) in zip(adapted_groups, indices, gathered):
+        for group, (params, grads) in zip(adapted_groups, gathered):
             ratios += step_group(
                 group,
                 params,
                 grads,
                 base.state,
-                carried_norms=carried_norms_of(lars, index),
-                step_witness=step_witness_of(lars, index),
                 eps=lars.eps,
                 trust_coef=lars.trust_coef,
                 clip=lars.clip,
@@ -273,57 +244,12 @@ def wraps_fused_sgd(base: Optimizer) -> bool:
     return fused_lars_sgd_supports(adapted) or triton_lars_sgd_supports(adapted)
 
 
-_CARRIED_NORMS = "_carried_param_norms"
-
-
-def carried_norms_of(optimizer: Optimizer, group_index: int) -> CarriedParamNorms | None:
-    """The parameter norms carried for a param group of ``optimizer`` (None under torch.compile).
-
-    Kept on the optimizer, outside its state: never saved, and recomputed when missing.
-    """
-    if torch.compiler.is_compiling():
-        return None  # the compiled step recomputes them (see _functional._fused_lars_sgd_step_)
-    carried = optimizer.__dict__.setdefault(_CARRIED_NORMS, [])
-    while len(carried) <= group_index:
-        carried.append(CarriedParamNorms())
-    return carried[group_index]
-
-
-def forget_carried_norms(optimizer: Optimizer) -> None:
-    """Have the next step recompute every norm, eager or compiled: new step witnesses too."""
-    optimizer.__dict__.pop(_CARRIED_NORMS, None)
-    optimizer.__dict__.pop(_STEP_WITNESSES, None)
-    prepare_step_witnesses(optimizer)
-
-
-_STEP_WITNESSES = "_lars_step_witnesses"
-
-
-def prepare_step_witnesses(optimizer: Optimizer) -> None:
-    """Give each param group of ``optimizer`` its step witness, a private tensor that the compiled
-    fused step carries its norms with (``torchlars._param_norms.WitnessedNorms``).
-
-    Made eagerly (at construction, ``add_param_group`` and unpickling): a tensor made inside a
-    compiled step would not outlive it. Kept outside the optimizer's state: never saved.
-    """
-    witnesses = optimizer.__dict__.setdefault(_STEP_WITNESSES, [])
-    while len(witnesses) < len(optimizer.param_groups):
-        witnesses.append(torch.zeros((), dtype=torch.int64))
-
-
-def step_witness_of(optimizer: Optimizer, group_index: int) -> Tensor | None:
-    witnesses = getattr(optimizer, _STEP_WITNESSES, None)
-    return witnesses[group_index] if witnesses is not None and group_index < len(witnesses) else None
-
-
 def step_group(
     group: dict[str, Any],
     params: list[Tensor],
     grads: list[Tensor],
     state: dict,
     *,
-    carried_norms: CarriedParamNorms | None,
-    step_witness: Tensor | None,
     eps: float,
     trust_coef: float,
     clip: bool,
@@ -368,8 +294,6 @@ def step_group(
             params,
             grads,
             buffers,
-            carried_norms=carried_norms,
-            step_witness=step_witness,
             foreach=group.get("foreach"),
             fused=group.get("fused"),
             grad_scale=grad_scale,
@@ -386,70 +310,15 @@ def step_group(
     return ratios
 
 
-_TRUST_RATIOS = "_lars_trust_ratios"
-
-
-def record_trust_ratios(optimizer: Optimizer, ratios: list[tuple[list[Tensor], Tensor]]) -> None:
-    """Keep the (parameters, ratios) of a step for ``trust_ratios()``: references, no copy, no sync."""
-    optimizer.__dict__[_TRUST_RATIOS] = ratios
-
-
-def trust_ratios_of(optimizer: Optimizer) -> dict[Tensor, Tensor]:
-    return {
-        param: ratio
-        for params, ratios in optimizer.__dict__.get(_TRUST_RATIOS, [])
-        for param, ratio in zip(params, ratios.unbind(0))
-    }
-
-
-def params_with_dense_grads(
-    group: dict[str, Any], group_index: int, owner: str, *, fused_checked: bool = False
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The parameters of ``group`` that have a gradient, and their gradients; refuses sparse ones,
-    and, with ``fused=True``, what the fused operator cannot step (unless the caller has just
-    checked every parameter: ``fused_checked``)."""
-    params = [param for param in group["params"] if param.grad is not None]
-    grads = [param.grad for param in params]
-    adapted = not group.get("lars_exclude", False)
+def _params_and_grads(group: dict[str, Any], param_groups: list[dict[str, Any]], owner: str):
+    """``params_with_dense_grads``, and with ``fused=True`` a refusal of what no fused kernel steps."""
+    params, grads = params_with_dense_grads(group, param_groups, owner)
     if (
-        adapted
-        and group.get("fused")
-        and not fused_checked
+        group.get("fused")
+        and not group.get("lars_exclude", False)
         and not (fused_lars_sgd_supports(params) or triton_lars_sgd_supports(params))
     ):
         # The check above runs per bucket; find the parameter to name.
-        for param_index, param in enumerate(group["params"]):
-            if param.grad is not None:
-                check_fused_param(param, f"parameter {param_index} of param group {group_index}", owner)
-    if adapted and any(grad.is_sparse for grad in grads):
-        param_index = next(i for i, param in enumerate(group["params"]) if param.grad is not None and param.grad.is_sparse)
-        fused = "`fused=True` and " if group.get("fused") else ""
-        raise RuntimeError(
-            f"{owner}: {fused}LARS do not support sparse gradients, but parameter {param_index} of param "
-            f"group {group_index} has one. Put it in a group with \"lars_exclude\": True, or use a "
-            "dense gradient (e.g. nn.Embedding(sparse=False))."
-        )
+        for param in params:
+            check_fused_param(param, position(param, group, param_groups), owner)
     return params, grads
-
-
-def check_fused_param(param: Tensor, position: str, owner: str) -> None:
-    """Refuse, naming the option, a parameter that liblars's fused operator cannot step."""
-    if type(param) not in (Tensor, torch.nn.Parameter):
-        raise RuntimeError(
-            f"{owner}: `fused=True` steps plain tensors, but {position} is a {type(param).__name__} "
-            "(e.g. an FSDP2 shard, whose norm is not its local tensor's). Use fused=None or foreach=True."
-        )
-    if triton_lars_sgd_supports([param]):
-        return  # the Triton kernels step it (torchlars._triton)
-    if param.device.type != "cpu":
-        raise RuntimeError(
-            f"{owner}: `fused=True` steps CPU tensors only (liblars's fused operator has no "
-            f"{param.device.type} kernel yet), but {position} is on {param.device}. "
-            "Use fused=None or foreach=True, which step it with torch._foreach_* ops."
-        )
-    if param.dtype not in FUSED_DTYPES:
-        raise RuntimeError(
-            f"{owner}: `fused=True` steps floating-point parameters of "
-            f"{', '.join(str(dtype).removeprefix('torch.') for dtype in FUSED_DTYPES)}, "
-            f"but {position} is {param.dtype}."
-        )

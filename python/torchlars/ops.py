@@ -3,8 +3,9 @@
 Importing this module loads the C++ extension (``torchlars._C``, which registers the
 operators) and registers the operators' fake implementations, with which ``torch.compile``
 and meta tensors trace through them. ``LARS(..., backend="cpp")`` steps with
-``lars_scale_gradients_``; the fused path with ``lars_param_norms`` and ``lars_sgd_``
-(liblars's fused LARS + momentum-SGD kernel, ``cpp/include/lars/fused.h``).
+``lars_scale_gradients_``; the fused path with ``lars_sgd_`` (liblars's fused LARS +
+momentum-SGD kernel, ``cpp/include/lars/fused.h``). Python reaches liblars's operators only
+this way; ``torchlars.cpp`` is the face of the C++ optimizer classes.
 """
 
 from __future__ import annotations
@@ -94,19 +95,11 @@ def _lars_scale_gradients_fake(
         )
 
 
-@torch.library.register_fake("torchlars::lars_param_norms")
-def _lars_param_norms_fake(tensors: list[Tensor]) -> Tensor:
-    # One fp32 norm per tensor, on the tensors' device, whatever their dtype.
-    device = tensors[0].device if tensors else torch.device("cpu")
-    return torch.empty(len(tensors), dtype=torch.float32, device=device)
-
-
 @torch.library.register_fake("torchlars::lars_sgd_")
 def _lars_sgd_fake(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
-    param_norms: Tensor,
     *,
     lr: Tensor,
     weight_decay: float,
@@ -120,12 +113,10 @@ def _lars_sgd_fake(
     clip: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    recompute_param_norms: bool = False,
     trust_ratio: str = "paper",
     trust_ratios: Tensor | None = None,
 ) -> None:
-    # Only mutates params, momentum_buffers, param_norms and trust_ratios in place: the shape
-    # checks of the kernel.
+    # Only mutates params, momentum_buffers and trust_ratios in place: the shape checks of the kernel.
     _check_trust_ratio("lars_sgd_", trust_ratio, ("paper", "decayed"))
     _check_trust_ratios("lars_sgd_", trust_ratios, len(params))
     torch._check(
@@ -134,10 +125,6 @@ def _lars_sgd_fake(
     torch._check(
         len(momentum_buffers) == len(params) or (momentum == 0 and not momentum_buffers),
         lambda: f"lars_sgd_: got {len(params)} params but {len(momentum_buffers)} momentum_buffers",
-    )
-    torch._check(
-        param_norms.dtype == torch.float32 and param_norms.shape == (len(params),),
-        lambda: f"lars_sgd_: param_norms must be a 1-D fp32 tensor of {len(params)} norms",
     )
     for i, (param, grad) in enumerate(zip(params, grads)):
         torch._check(

@@ -77,8 +77,7 @@ struct LARSOptions {
 ///
 /// "paper" and "decayed" around torch::optim::SGD with CPU parameters step with one fused
 /// operator (lars/fused.h): the gradients are left as they are, the momentum buffers stay in
-/// the SGD's state (so its archive is a plain SGD's), and each parameter's norm is carried
-/// from one step to the next (detail::CarriedNorms says when it is recomputed).
+/// the SGD's state (so its archive is a plain SGD's).
 ///
 /// LARS holds its own copy of the base's param groups: configure the optimizer through the
 /// LARS (`param_groups()`, `add_param_group`, LR schedulers); before every step and save,
@@ -124,7 +123,6 @@ class LARS : public torch::optim::Optimizer {
 
   std::shared_ptr<torch::optim::Optimizer> base_;
   LARSOptions options_;
-  detail::CarriedNorms carried_norms_;
   detail::TrustRatioRecord trust_ratios_;
 };
 

@@ -1,19 +1,15 @@
 #pragma once
 
 // What lars::LARS (around torch::optim::SGD) and lars::LARSSGD share: the fused LARS +
-// momentum-SGD step of a param group (lars/fused.h) with its carried parameter norms, and the
-// trust ratios of the last step (the telemetry of `trust_ratios()`). Not API: an
-// implementation detail of both, in a header because both hold these as members.
+// momentum-SGD step of a param group (lars/fused.h), and the trust ratios of the last step
+// (the telemetry of `trust_ratios()`). Not API: an implementation detail of both, in a header
+// because both hold these as members.
 
 #include <lars/functional.h>
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/TensorImpl.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/optim/optimizer.h>
 
-#include <cstdint>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -21,33 +17,6 @@ namespace lars::detail {
 
 /// Refuses a negative or NaN eps or trust_coef, naming the option and `who`.
 void check_lars_options(double eps, double trust_coef, const char* who);
-
-/// Each parameter's norm as the last fused step left it, and what identifies the parameter
-/// then. A carried norm is used only if the parameter is the same tensor, on the same memory,
-/// with the version counter the step left; anything else (an in-place edit, a replaced
-/// parameter or `.set_data`, a `load`) makes the step recompute it, to the same bits. Writes
-/// through `.data()`, which has a version counter of its own, are not seen.
-class CarriedNorms {
- public:
-  /// The norms of `params` that the last steps carried, or an undefined tensor if any of them
-  /// may be stale (then the step recomputes them all).
-  at::Tensor lookup(const std::vector<at::Tensor>& params) const;
-  /// Keeps `norms` (what the step left in its param_norms) as the norms of `params`.
-  void carry(const std::vector<at::Tensor>& params, const at::Tensor& norms);
-  /// Forgets the parameters that no longer exist.
-  void forget_expired();
-  void clear() noexcept { norms_.clear(); }
-
- private:
-  struct CarriedNorm {
-    // The weak reference keeps another tensor from taking the parameter's address.
-    c10::weak_intrusive_ptr<c10::TensorImpl> param;
-    const void* data;
-    int64_t version;
-    float norm;
-  };
-  std::unordered_map<const c10::TensorImpl*, CarriedNorm> norms_;
-};
 
 /// The trust ratios a step used, as the steps produce them: per call of a kernel, its params
 /// and one 1-D fp32 tensor of their ratios. Kept without a sync; read by `trust_ratios()`.
@@ -84,13 +53,12 @@ bool fused_sgd_supports(const std::vector<at::Tensor>& params);
 /// The fused LARS + SGD step of `params` (with their `grads`) of one param group, one operator
 /// call per dtype and per first step: parameters without a momentum buffer in `state` get one,
 /// a torch::optim::SGDParamState set by the step as torch::optim::SGD's first step sets it.
-/// Carries the norms in `carried_norms`, and records the ratios in `record`.
+/// Records the ratios in `record`.
 void fused_sgd_step(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
     const FusedSGDSettings& settings,
     ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& state,
-    CarriedNorms& carried_norms,
     TrustRatioRecord& record);
 
 } // namespace lars::detail

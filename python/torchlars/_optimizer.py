@@ -1,0 +1,113 @@
+"""What ``LARS`` and ``LARSSGD`` share as ``torch.optim`` optimizers: the checks of LARS's
+settings, the closure, the parameters a step takes, and the trust ratios it keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from torchlars._distributed import sharding_problem
+from torchlars._functional import TRUST_RATIOS
+
+__all__ = [
+    "check_lars_settings",
+    "evaluate_closure",
+    "params_with_dense_grads",
+    "position",
+    "record_trust_ratios",
+    "trust_ratios_of",
+]
+
+
+def check_lars_settings(
+    owner: str, *, eps: float, trust_coef: float, clip: bool, trust_ratio: str, trust_ratios: tuple[str, ...] = TRUST_RATIOS
+) -> None:
+    """Refuse, naming the option, a LARS setting out of range (nothing is built yet)."""
+    if trust_ratio not in trust_ratios:
+        extra = ""
+        if trust_ratio == "update":
+            extra = (
+                "; the 'update' ratio (LAMB) scales a base optimizer's step: use "
+                "torchlars.LARS(base, trust_ratio='update')"
+            )
+        raise ValueError(
+            f"{owner}: `trust_ratio` must be one of {', '.join(map(repr, trust_ratios))}, got {trust_ratio!r}{extra}"
+        )
+    if not eps >= 0.0:
+        raise ValueError(f"{owner}: `eps` must be non-negative, got {eps}")
+    if not trust_coef >= 0.0:
+        raise ValueError(f"{owner}: `trust_coef` must be non-negative, got {trust_coef}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"{owner}: `clip` must be a bool, got {torch.typename(clip)}")
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss, computed with grad enabled (``step`` may run under ``no_grad``)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def position(param: Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]]) -> str:
+    """"parameter i of param group k", for messages."""
+    param_index = next(i for i, p in enumerate(group["params"]) if p is param)
+    group_index = next(i for i, g in enumerate(param_groups) if g is group)
+    return f"parameter {param_index} of param group {group_index}"
+
+
+def params_with_dense_grads(
+    group: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    owner: str,
+    *,
+    check: Callable[[Tensor, str], None] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters of ``group`` that have a gradient, and their gradients.
+
+    For a group LARS adapts (not ``"lars_exclude"``), refuses by name a sparse gradient, a
+    parameter whose norm LARS cannot take (FSDP1's flat shards, mismatched DTensors), and
+    what ``check(param, position)`` refuses; nothing is modified.
+    """
+    params = [param for param in group["params"] if param.grad is not None]
+    grads = [param.grad for param in params]
+    if group.get("lars_exclude", False):
+        return params, grads
+    for param in params:
+        if param.grad.is_sparse:
+            raise RuntimeError(
+                f"{owner} does not support sparse gradients: {position(param, group, param_groups)} has one. "
+                "Put it in a group with \"lars_exclude\": True, or use a dense gradient "
+                "(e.g. nn.Embedding(sparse=False))."
+            )
+        problem = sharding_problem(param)
+        if problem is not None:
+            raise RuntimeError(f"{owner} cannot scale {position(param, group, param_groups)}: {problem}")
+        if check is not None:
+            check(param, position(param, group, param_groups))
+    return params, grads
+
+
+_TRUST_RATIOS = "_lars_trust_ratios"
+
+
+def record_trust_ratios(optimizer: Optimizer, ratios: list[tuple[list[Tensor], Tensor]]) -> None:
+    """Keep the (parameters, ratios) of a step for ``trust_ratios()``: references, no copy, no sync."""
+    optimizer.__dict__[_TRUST_RATIOS] = ratios
+
+
+def trust_ratios_of(optimizer: Optimizer) -> dict[Tensor, Tensor]:
+    return {
+        param: ratio
+        for params, ratios in optimizer.__dict__.get(_TRUST_RATIOS, [])
+        for param, ratio in zip(params, ratios.unbind(0))
+    }
+
+
+def forget_trust_ratios(state: dict[str, Any]) -> None:
+    """Drop the kept ratios from a pickled optimizer's ``__dict__``."""
+    state.pop(_TRUST_RATIOS, None)
