@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchlars import LARS, LARSSGD, exclude_bias_and_norm
+from torchlars_extension import import_extension
 
 SHAPES = [(6, 5), (5,), (4, 3, 2), (3,)]
 OPTIONS = {
@@ -229,6 +230,8 @@ def test_compiled_step_is_one_graph_with_eager_numbers_and_leaves_grads(build):
     if build == "LARSSGD":
         optimizer = LARSSGD(params, trust_coef=0.02, **options)
     else:
+        # Without liblars's fused operator, the base's own fused SGD steps, which dynamo does not trace.
+        import_extension("torchlars.ops")
         optimizer = LARS(torch.optim.SGD(params, fused=True, **options), trust_coef=0.02)
     eager = LARSSGD(eager_params, trust_coef=0.02, foreach=True, **{**options, "lr": torch.tensor(0.1)})
 

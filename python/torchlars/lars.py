@@ -108,12 +108,13 @@ class LARS(Optimizer):
         if isinstance(optimizer, LARS):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
         check_lars_settings("LARS", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
-        _check_backend(backend)
+        # Before _check_backend loads the extension: this combination is refused whether it is installed or not.
         if trust_ratio == "update" and backend != "foreach":
             raise ValueError(
                 "LARS: `backend` has no meaning with trust_ratio='update' (the base steps first and "
                 "LARS scales its step with torch ops); leave backend='foreach'"
             )
+        _check_backend(backend)
         _check_base(optimizer, backend)
         if trust_ratio != "update" and type(optimizer) in _ADAPTIVE_BASES:
             warnings.warn(
