@@ -105,9 +105,9 @@ std::string group_name(size_t index) {
 }
 
 // The options of a param group, which must be LARSSGDOptions (add_param_group takes any).
-LARSSGDOptions& options_of(const OptimizerParamGroup& group, size_t index) {
+const LARSSGDOptions& options_of(const OptimizerParamGroup& group, size_t index) {
   TORCH_CHECK_TYPE(group.has_options(), "lars::LARSSGD: ", group_name(index), " has no options");
-  auto* options = dynamic_cast<LARSSGDOptions*>(&const_cast<OptimizerParamGroup&>(group).options());
+  const auto* options = dynamic_cast<const LARSSGDOptions*>(&group.options());
   TORCH_CHECK_TYPE(
       options != nullptr, "lars::LARSSGD: the options of ", group_name(index),
       " are not lars::LARSSGDOptions; add param groups with LARSSGDOptions or none (the defaults)");

@@ -279,6 +279,45 @@ TEST(LARSSGD, StepsFp64AndFp16) {
   }
 }
 
+TEST(LARSSGD, ParamsTheFusedOperatorCannotStepGetTheSameRatiosAndSGD) {
+  // complex64 is not among the fused operator's dtypes (nor are CUDA tensors): LARSSGD scales
+  // a copy of their gradients, then steps SGD on them, as LARS over SGD does on that path.
+  const std::vector<at::Tensor> init = {at::randn({4, 3}, at::kComplexFloat), at::randn({5}), at::randn({2}, at::kComplexFloat)};
+  const auto ours = leaves(init);
+  const auto theirs = leaves(init);
+  auto larssgd = make_larssgd(ours, LARSSGDOptions(kLr).momentum(0.9).weight_decay(1e-2).trust_coef(kTrustCoef));
+  auto sgd = std::make_shared<torch::optim::SGD>(
+      std::vector<OptimizerParamGroup>{OptimizerParamGroup({theirs[0], theirs[1]}), OptimizerParamGroup({theirs[2]})},
+      SGDOptions(kLr).momentum(0.9).weight_decay(1e-2));
+  lars::LARS reference(sgd, lars::LARSOptions().trust_coef(kTrustCoef).excluded_param_groups({1}));
+  for (int step = 0; step < 3; ++step) {
+    const std::vector<at::Tensor> grads = {
+        at::randn({4, 3}, at::kComplexFloat), at::randn({5}), at::randn({2}, at::kComplexFloat)};
+    set_grads(ours, grads);
+    larssgd->step();
+    EXPECT_TRUE(at::equal(ours[0].grad(), grads[0])) << "the gradient is left as it is";
+    set_grads(theirs, grads);
+    reference.step();
+  }
+  for (size_t i = 0; i < ours.size(); ++i) {
+    EXPECT_TRUE(at::allclose(ours[i], theirs[i], 1e-6, 1e-7)) << "parameter " << i;
+  }
+  const auto ratios = larssgd->trust_ratios();
+  ASSERT_EQ(ratios.size(), 2u);
+  const auto their_ratios = reference.trust_ratios();
+  int compared = 0;
+  for (const auto& [param, ratio] : ratios) {
+    const size_t i = param.is_same(ours[0]) ? 0 : 1;
+    for (const auto& [their_param, their_ratio] : their_ratios) {
+      if (their_param.is_same(theirs[i])) {
+        EXPECT_TRUE(at::allclose(ratio, their_ratio)) << "ratio " << i;
+        ++compared;
+      }
+    }
+  }
+  EXPECT_EQ(compared, 2);
+}
+
 TEST(LARSSGD, StepEvaluatesTheClosureFirstWithGrad) {
   auto w = at::randn({3, 2}).requires_grad_(true);
   const auto before = w.detach().clone();
