@@ -2,6 +2,7 @@
 // loads liblars, which registers the torch.ops.torchlars operators.
 
 #include <lars/lars.h>
+#include <lars/lars_sgd.h>
 
 #include <torch/csrc/utils/pybind.h>
 #include <torch/optim/adagrad.h>
@@ -209,6 +210,86 @@ class LockedLARS {
   std::unique_ptr<lars::LARS> lars_;
 };
 
+// The options of one lars::LARSSGD param group, from the complete dict torchlars/cpp.py
+// builds (its keys and their types checked there).
+lars::LARSSGDOptions larssgd_options(const py::dict& options) {
+  const auto get = [&](const char* key) { return options[key]; };
+  return lars::LARSSGDOptions(get("lr").cast<double>())
+      .momentum(get("momentum").cast<double>())
+      .dampening(get("dampening").cast<double>())
+      .weight_decay(get("weight_decay").cast<double>())
+      .nesterov(get("nesterov").cast<bool>())
+      .maximize(get("maximize").cast<bool>())
+      .eps(get("eps").cast<double>())
+      .trust_coef(get("trust_coef").cast<double>())
+      .clip(get("clip").cast<bool>())
+      .trust_ratio(lars::parse_trust_ratio(get("trust_ratio").cast<std::string>(), "torchlars.cpp.LARSSGD"))
+      .lars_exclude(get("lars_exclude").cast<bool>());
+}
+
+py::dict larssgd_group_dict(const torch::optim::OptimizerParamGroup& group) {
+  const auto& options = static_cast<const lars::LARSSGDOptions&>(group.options());
+  py::dict dict;
+  dict["params"] = py::cast(group.params());
+  dict["lr"] = options.lr();
+  dict["momentum"] = options.momentum();
+  dict["dampening"] = options.dampening();
+  dict["weight_decay"] = options.weight_decay();
+  dict["nesterov"] = options.nesterov();
+  dict["maximize"] = options.maximize();
+  dict["eps"] = options.eps();
+  dict["trust_coef"] = options.trust_coef();
+  dict["clip"] = options.clip();
+  dict["trust_ratio"] = lars::trust_ratio_name(options.trust_ratio());
+  dict["lars_exclude"] = options.lars_exclude();
+  return dict;
+}
+
+// lars::LARSSGD behind a lock, for the reason LockedLARS has one.
+class LockedLARSSGD {
+ public:
+  LockedLARSSGD(const std::vector<ParamGroup>& groups, const py::dict& defaults) {
+    std::vector<torch::optim::OptimizerParamGroup> param_groups;
+    for (const auto& [params, options] : groups) {
+      param_groups.emplace_back(params, std::make_unique<lars::LARSSGDOptions>(larssgd_options(options)));
+    }
+    optimizer_ = std::make_unique<lars::LARSSGD>(param_groups, larssgd_options(defaults));
+  }
+
+  void step() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    optimizer_->step();
+  }
+
+  void zero_grad(bool set_to_none) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    optimizer_->zero_grad(set_to_none);
+  }
+
+  // A copy: [{"params": [...], "lr": ..., ...}], torch.optim's param_groups as of now.
+  py::list param_groups() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    py::list groups;
+    for (const auto& group : optimizer_->param_groups()) {
+      groups.append(larssgd_group_dict(group));
+    }
+    return groups;
+  }
+
+  py::dict trust_ratios() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    py::dict ratios;
+    for (const auto& [param, ratio] : optimizer_->trust_ratios()) {
+      ratios[py::cast(param)] = py::cast(ratio);
+    }
+    return ratios;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unique_ptr<lars::LARSSGD> optimizer_;
+};
+
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -270,4 +351,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("clip", [](const LockedLARS& self) { return self.options().clip(); })
       .def_property_readonly(
           "trust_ratio", [](const LockedLARS& self) { return lars::trust_ratio_name(self.options().trust_ratio()); });
+
+  py::class_<LockedLARSSGD>(m, "LARSSGD")
+      .def(py::init<const std::vector<ParamGroup>&, const py::dict&>(), py::arg("param_groups"), py::arg("defaults"))
+      .def("step", &LockedLARSSGD::step, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "zero_grad",
+          &LockedLARSSGD::zero_grad,
+          py::arg("set_to_none") = true,
+          py::call_guard<py::gil_scoped_release>())
+      .def("param_groups", &LockedLARSSGD::param_groups)
+      .def("trust_ratios", &LockedLARSSGD::trust_ratios);
 }

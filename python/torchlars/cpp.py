@@ -1,4 +1,5 @@
-"""``torchlars.cpp.LARS``: liblars, the C++ LARS optimizer (``lars::LARS``), from Python."""
+"""``torchlars.cpp.LARS`` and ``torchlars.cpp.LARSSGD``: liblars's C++ optimizers
+(``lars::LARS``, ``lars::LARSSGD``), from Python."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torchlars._extension import _C
 from torchlars.lars import evaluate_closure
 
-__all__ = ["LARS"]
+__all__ = ["LARS", "LARSSGD"]
 
 
 class LARS:
@@ -120,38 +121,159 @@ class LARS:
         self._lars.zero_grad(set_to_none)
 
 
+class LARSSGD:
+    r"""LARS with momentum SGD, built from params, stepping in C++ (``lars::LARSSGD``).
+
+    The same optimizer as :class:`torchlars.LARSSGD` (see its docstring for the formula and
+    the paper), computed by liblars's ``lars::LARSSGD``: CPU parameters of fp32, fp64, bf16
+    and fp16 with its fused LARS-momentum operator, groups with ``"lars_exclude": True`` as
+    plain SGD. The parity tests hold both to the same numbers. ``step`` and ``zero_grad`` run
+    in C++ without the GIL, behind a lock of their own.
+
+    This is the C++ optimizer's Python face, as :class:`LARS` above is ``lars::LARS``'s: it
+    exists so that the C++ class itself is tested against the Python one option by option
+    (tests/test_cpp_lars_sgd.py), and so that a Python program can step with exactly what a
+    C++ program gets. It is not a ``torch.optim.Optimizer``: no state dict, no hooks; use
+    :class:`torchlars.LARSSGD` for those.
+
+    Example::
+
+        optimizer = torchlars.cpp.LARSSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    Args:
+        params: tensors, or param-group dicts as for ``torch.optim``: ``"params"``, any option
+            below for that group, and ``"lars_exclude": True`` to step the group as plain SGD.
+        lr, momentum, dampening, weight_decay, nesterov, maximize, eps, trust_coef, clip,
+        trust_ratio: as in :class:`torchlars.LARSSGD` (``trust_ratio`` ``"paper"`` or
+        ``"decayed"``; ``lr`` a number).
+    """
+
+    _FLOATS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coef")
+    _BOOLS = ("nesterov", "maximize", "clip", "lars_exclude")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        eps: float = 1e-8,
+        trust_coef: float = 0.001,
+        clip: bool = False,
+        trust_ratio: str = "paper",
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            eps=eps,
+            trust_coef=trust_coef,
+            clip=clip,
+            trust_ratio=trust_ratio,
+            lars_exclude=False,
+        )
+        self._check_types(defaults, "the defaults")
+        groups = []
+        for index, (tensors, options, excluded) in enumerate(_param_groups(params, "torchlars.cpp.LARSSGD")):
+            unknown = sorted(set(options) - set(defaults))
+            if unknown:
+                raise TypeError(
+                    f"torchlars.cpp.LARSSGD: unknown option(s) {unknown} in param group {index}; "
+                    f"its options are {', '.join(defaults)}"
+                )
+            merged = {**defaults, **options, "lars_exclude": excluded}
+            self._check_types(merged, f"param group {index}")
+            groups.append((tensors, merged))
+        # The values themselves (signs, nesterov's needs, trust_ratio) are checked in C++.
+        self._optimizer = _C.LARSSGD(param_groups=groups, defaults=defaults)
+
+    @classmethod
+    def _check_types(cls, options: dict[str, Any], where: str) -> None:
+        for name in cls._FLOATS:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"torchlars.cpp.LARSSGD: `{name}` ({where}) must be a number, got {torch.typename(value)}"
+                )
+        for name in cls._BOOLS:
+            if not isinstance(options[name], bool):
+                raise TypeError(
+                    f"torchlars.cpp.LARSSGD: `{name}` ({where}) must be a bool, got {torch.typename(options[name])}"
+                )
+        if not isinstance(options["trust_ratio"], str):
+            raise TypeError(
+                f"torchlars.cpp.LARSSGD: `trust_ratio` ({where}) must be a str, "
+                f"got {torch.typename(options['trust_ratio'])}"
+            )
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups with all their options, as ``torch.optim``'s (a copy: read, not written)."""
+        return self._optimizer.param_groups()
+
+    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
+        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
+        return self._optimizer.trust_ratios()
+
+    def __repr__(self) -> str:
+        return f"torchlars.cpp.LARSSGD({len(self.param_groups)} param groups)"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LARS step of every param group, in C++.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first (with grad
+                enabled), so the gradients it produces are the ones stepped on.
+        """
+        loss = evaluate_closure(closure)
+        self._optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none)
+
+
 def _param_groups(
     params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    owner: str = "torchlars.cpp.LARS",
 ) -> list[tuple[list[torch.Tensor], dict[str, Any], bool]]:
-    """(tensors, base options, excluded) of every param group, checked."""
+    """(tensors, options, excluded) of every param group, checked; errors name ``owner``."""
     if isinstance(params, torch.Tensor):
-        raise TypeError("torchlars.cpp.LARS: `params` must be an iterable of tensors or of dicts, got a Tensor")
+        raise TypeError(f"{owner}: `params` must be an iterable of tensors or of dicts, got a Tensor")
     entries = list(params)
     if not entries:
-        raise ValueError("torchlars.cpp.LARS: `params` is empty")
+        raise ValueError(f"{owner}: `params` is empty")
     if not isinstance(entries[0], dict):
         entries = [{"params": entries}]
     groups = []
     for group_index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise TypeError(
-                f"torchlars.cpp.LARS: param group {group_index} must be a dict like the first, got {torch.typename(entry)}"
+                f"{owner}: param group {group_index} must be a dict like the first, got {torch.typename(entry)}"
             )
         options = dict(entry)
         if "params" not in options:
-            raise ValueError(f"torchlars.cpp.LARS: param group {group_index} has no 'params'")
+            raise ValueError(f"{owner}: param group {group_index} has no 'params'")
         tensors = options.pop("params")
         tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         for param_index, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(
-                    f"torchlars.cpp.LARS: parameter {param_index} of param group {group_index} "
+                    f"{owner}: parameter {param_index} of param group {group_index} "
                     f"is a {torch.typename(tensor)}, not a Tensor"
                 )
         excluded = options.pop("lars_exclude", False)
         if not isinstance(excluded, bool):
             raise TypeError(
-                f"torchlars.cpp.LARS: 'lars_exclude' of param group {group_index} must be a bool, got {torch.typename(excluded)}"
+                f"{owner}: 'lars_exclude' of param group {group_index} must be a bool, got {torch.typename(excluded)}"
             )
         groups.append((tensors, options, excluded))
     return groups
