@@ -88,9 +88,15 @@ def _lars(params, clip: bool, eps: float = 1e-8) -> LARS:
     return LARS(base, eps=eps, trust_coef=TRUST_COEF, clip=clip)
 
 
-def _train(model: nn.Module, clip: bool, shard: bool) -> dict[str, int]:
+def _lamb(params, clip: bool, eps: float = 1e-8) -> LARS:
+    """LAMB: the "update" trust ratio around AdamW."""
+    base = torch.optim.AdamW(params, lr=0.05, weight_decay=WEIGHT_DECAY)
+    return LARS(base, eps=eps, trust_coef=1.0, clip=clip, trust_ratio="update")
+
+
+def _train(model: nn.Module, clip: bool, shard: bool, make=_lars) -> dict[str, int]:
     """Train ``model`` (this rank's half of every batch if ``shard``) and count the step's collectives."""
-    optimizer = _lars(exclude_bias_and_norm(model, WEIGHT_DECAY), clip)
+    optimizer = make(exclude_bias_and_norm(model, WEIGHT_DECAY), clip)
     counts: dict[str, int] = {}
     for inputs, targets in _batches():
         if shard:
@@ -113,13 +119,13 @@ def _assert_same(distributed: list[torch.Tensor], reference: list[torch.Tensor],
         assert (expected - initial).abs().max() > 1e3 * ATOL, f"parameter {index} barely moved"
 
 
-def _compare_with_single_process(wrap, clip: bool) -> dict[str, int]:
+def _compare_with_single_process(wrap, clip: bool, make=_lars) -> dict[str, int]:
     model = _model()
     reference = copy.deepcopy(model)
     start = [p.detach().clone() for p in reference.parameters()]
-    _train(reference, clip, shard=False)
+    _train(reference, clip, shard=False, make=make)
     distributed = wrap(model)
-    counts = _train(distributed, clip, shard=True)
+    counts = _train(distributed, clip, shard=True, make=make)
     _assert_same(list(distributed.parameters()), [p.detach() for p in reference.parameters()], start)
     return counts
 
@@ -138,6 +144,10 @@ def fsdp2_no_clip() -> dict[str, int]:
 
 def fsdp2_clip() -> dict[str, int]:
     return _compare_with_single_process(_fsdp2, clip=True)
+
+
+def fsdp2_lamb() -> dict[str, int]:
+    return _compare_with_single_process(_fsdp2, clip=False, make=_lamb)
 
 
 def ddp_no_clip() -> dict[str, int]:
@@ -308,6 +318,7 @@ CASES = {
     for case in (
         fsdp2_no_clip,
         fsdp2_clip,
+        fsdp2_lamb,
         ddp_no_clip,
         ddp_clip,
         dtensors_mixed,

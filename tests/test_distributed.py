@@ -86,6 +86,13 @@ def test_fsdp2_matches_single_process(results, clip):
         assert _all_reduces(collectives) == 1, collectives
 
 
+def test_fsdp2_lamb_matches_single_process_with_one_collective(results):
+    # trust_ratio="update" around AdamW: the norms of the weights and of the steps, whole
+    # across the shards, in one all-reduce per step.
+    for collectives in _case(results, "fsdp2_lamb"):
+        assert _all_reduces(collectives) == 1, collectives
+
+
 @pytest.mark.parametrize("clip", [False, True], ids=["no_clip", "clip"])
 def test_ddp_matches_single_process(results, clip):
     for collectives in _case(results, f"ddp_{'clip' if clip else 'no_clip'}"):
@@ -134,6 +141,6 @@ def test_runs_on_the_meta_device_without_distributed():
 
 
 def test_worker_cases_are_all_tested():
-    tested = {"fsdp2_no_clip", "fsdp2_clip", "ddp_no_clip", "ddp_clip", "dtensors_mixed",
+    tested = {"fsdp2_no_clip", "fsdp2_clip", "fsdp2_lamb", "ddp_no_clip", "ddp_clip", "dtensors_mixed",
               "dtensors_two_meshes", "unsupported_placements", "zero_lars_sgd", "fsdp1_refused", "hsdp"}
     assert set(_distributed_worker.CASES) == tested

@@ -451,6 +451,11 @@ def test_compiled_step_calls_the_fused_operator():
     assert {"torchlars.lars_sgd_", "torchlars.lars_sgd_.default"} & ops, sorted(ops)
     for param, expected in zip(params, eager_params):
         assert torch.equal(param, expected)
+    # The compiled step keeps its ratios too (telemetry), the eager step's.
+    ratios, eager_ratios = optimizer.trust_ratios(), eager.trust_ratios()
+    assert len(ratios) == len(params)
+    for param, eager_param in zip(params, eager_params):
+        assert torch.equal(ratios[param], eager_ratios[eager_param])
     torch._dynamo.reset()
 
 

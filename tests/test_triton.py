@@ -531,3 +531,37 @@ def test_cuda_graph_replay_matches_eager():
     torch.cuda.synchronize()
     for eager_param, graph_param in zip(eager_params, graph_params):
         assert torch.equal(eager_param, graph_param)
+
+
+@needs_triton
+@pytest.mark.parametrize("build", ["LARSSGD", "LARS_foreach_SGD"])
+def test_a_compiled_step_calls_the_triton_operators(triton_module, build):
+    # The tables are found by data pointers, which a trace cannot read: the step is one opaque
+    # operator per bucket, which the compiled graph calls as it is.
+    torch._dynamo.reset()
+    params, eager_params = make_params(), make_params()
+
+    def make(p):
+        if build == "LARSSGD":
+            return LARSSGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02)
+        return LARS(torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True), trust_coef=0.02)
+
+    optimizer, eager = make(params), make(eager_params)
+    ops: set[str] = set()
+
+    def recording_backend(graph_module, example_inputs):
+        ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    compiled_step = torch.compile(optimizer.step, backend=recording_backend)
+    for step in range(3):
+        set_grads([params, eager_params], step)
+        compiled_step()
+        eager.step()
+    expected = "torchlars_triton.lars_sgd_step_" if build == "LARSSGD" else "torchlars_triton.scale_gradients_step_"
+    assert any(op.startswith(expected) for op in ops), sorted(ops)
+    assert_close_to_scale(params, eager_params, 1e-6)
+    assert len(optimizer.trust_ratios()) == len(eager.trust_ratios()) == len(params)
+    for (param, ratio), (eager_param, eager_ratio) in zip(optimizer.trust_ratios().items(), eager.trust_ratios().items()):
+        torch.testing.assert_close(ratio, eager_ratio, rtol=1e-6, atol=0)
+    torch._dynamo.reset()

@@ -179,8 +179,7 @@ void LARSSGD::fused_step(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
     const detail::FusedSGDSettings& settings) {
-  carried_norms_.forget_expired(); // CarriedNorms
-  detail::fused_sgd_step(params, grads, settings, state_, carried_norms_, trust_ratios_);
+  detail::fused_sgd_step(params, grads, settings, state_, trust_ratios_);
 }
 
 torch::Tensor LARSSGD::step(LossClosure closure) {
@@ -330,7 +329,6 @@ void LARSSGD::load(torch::serialize::InputArchive& archive) {
     }
     param_groups_[i].set_options(std::move(saved_options[i]));
   }
-  carried_norms_.clear(); // CarriedNorms: the loaded parameters' norms are recomputed
   trust_ratios_.clear();
 }
 

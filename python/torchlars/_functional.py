@@ -221,6 +221,8 @@ def lars_update_(
     ``params_before`` (made by the caller), :math:`u`, two norms and the scaled step. Returns, per
     (device, dtype), the parameters and the fp32 ratios used.
     """
+    if not params:
+        return []
     ratios = []
     for (_, dtype), ((bucket_params, bucket_before), _) in grouped_by_device_and_dtype([params, params_before]).items():
         param_norms = norms(bucket_before, dtype)

@@ -23,6 +23,7 @@ __all__ = [
     "fused_bucket",
     "fused_lars_sgd",
     "fused_lars_sgd_supports",
+    "prepare_triton",
     "skipped_by_grad_scaler",
     "triton",
     "triton_lars_sgd_supports",
@@ -179,6 +180,13 @@ def triton() -> Any:
     return _triton_module
 
 
+def prepare_triton(params: list[Tensor]) -> None:
+    """Import torchlars._triton now if the Triton kernels may step ``params``: a compiled step
+    cannot import it (the optimizers call this when they are built)."""
+    if _TRITON_INSTALLED and (any(param.device.type == "cuda" for param in params) or triton_on_cpu()):
+        triton()
+
+
 def triton_on_cpu() -> bool:
     """Whether CPU tensors take the Triton kernels, through Triton's interpreter (for tests)."""
     return (
@@ -202,6 +210,8 @@ def triton_steps(device: torch.device, *tensor_lists: list[Tensor]) -> bool:
         return False
     if device.type != "cuda" and not (device.type == "cpu" and triton_on_cpu()):
         return False
+    if _triton_module is None and torch.compiler.is_compiling():
+        return False  # not imported yet, which a compiled step cannot do: prepare_triton
     return triton().steps(*tensor_lists)
 
 

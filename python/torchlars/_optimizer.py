@@ -18,6 +18,7 @@ __all__ = [
     "evaluate_closure",
     "params_with_dense_grads",
     "position",
+    "prepare_trust_ratio_record",
     "record_trust_ratios",
     "trust_ratios_of",
 ]
@@ -95,15 +96,22 @@ def params_with_dense_grads(
 _TRUST_RATIOS = "_lars_trust_ratios"
 
 
+def prepare_trust_ratio_record(optimizer: Optimizer) -> None:
+    """Give ``optimizer`` the list its steps keep their trust ratios in: made eagerly (at
+    construction and unpickling), because a compiled step does not replay an attribute
+    written on an optimizer, but does replay the mutation of a list it holds."""
+    optimizer.__dict__.setdefault(_TRUST_RATIOS, [])
+
+
 def record_trust_ratios(optimizer: Optimizer, ratios: list[tuple[list[Tensor], Tensor]]) -> None:
     """Keep the (parameters, ratios) of a step for ``trust_ratios()``: references, no copy, no sync."""
-    optimizer.__dict__[_TRUST_RATIOS] = ratios
+    getattr(optimizer, _TRUST_RATIOS)[:] = ratios
 
 
 def trust_ratios_of(optimizer: Optimizer) -> dict[Tensor, Tensor]:
     return {
         param: ratio
-        for params, ratios in optimizer.__dict__.get(_TRUST_RATIOS, [])
+        for params, ratios in getattr(optimizer, _TRUST_RATIOS, [])
         for param, ratio in zip(params, ratios.unbind(0))
     }
 

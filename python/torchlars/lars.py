@@ -19,11 +19,13 @@ from torchlars._distributed import (
     split_dtensors,
 )
 from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients, lars_update_
+from torchlars._kernels import prepare_triton
 from torchlars._optimizer import (
     check_lars_settings,
     evaluate_closure,
     params_with_dense_grads,
     position,
+    prepare_trust_ratio_record,
     record_trust_ratios,
     trust_ratios_of,
 )
@@ -125,6 +127,8 @@ class LARS(Optimizer):
                 stacklevel=2,
             )
         self.optim = optimizer
+        prepare_trust_ratio_record(self)
+        prepare_triton([param for group in optimizer.param_groups for param in group["params"]])
         self.eps = float(eps)
         self.trust_coef = float(trust_coef)
         self.clip = bool(clip)
@@ -176,6 +180,7 @@ class LARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("trust_ratio", "paper")
         super().__setstate__(state)
+        prepare_trust_ratio_record(self)
 
     def __repr__(self) -> str:
         base = "\n".join("    " + line for line in repr(self.optim).splitlines())

@@ -15,6 +15,7 @@ from torchlars._functional import lars_sgd
 from torchlars._kernels import (
     check_fused_param,
     fused_lars_sgd_supports,
+    prepare_triton,
     skipped_by_grad_scaler,
     triton_lars_sgd_supports,
 )
@@ -24,6 +25,7 @@ from torchlars._optimizer import (
     forget_trust_ratios,
     params_with_dense_grads,
     position,
+    prepare_trust_ratio_record,
     record_trust_ratios,
     trust_ratios_of,
 )
@@ -36,21 +38,15 @@ class LARSSGD(Optimizer):
 
     Implements `Large Batch Training of Convolutional Networks <https://arxiv.org/abs/1708.03888>`_
     with the numbers of ``torchlars.LARS(torch.optim.SGD(...))``. For every parameter
-    :math:`w` with gradient :math:`g`, learning rate :math:`\gamma`, weight decay
-    :math:`\lambda`, momentum :math:`\mu` and dampening :math:`\tau`:
+    :math:`w` with gradient :math:`g` (negated first if ``maximize``), learning rate
+    :math:`\gamma`, weight decay :math:`\lambda`, momentum :math:`\mu` and dampening :math:`\tau`,
+    with :math:`r` the trust ratio of :class:`torchlars.LARS` (``"paper"`` or ``"decayed"``):
 
     .. math::
-        r &= \begin{cases}
-            \eta \, \|w\|_2 / (\|g\|_2 + \lambda \|w\|_2 + \epsilon)
-                & \text{if } \|w\|_2 > 0 \text{ and } \|g\|_2 > 0 \\
-            1 & \text{otherwise}
-        \end{cases}
-        \qquad r \leftarrow \min(r / \gamma, 1) \text{ only if clip (LARC)} \\
-        d &= (g + \lambda w) \, r \qquad
+        d = (g + \lambda w) \, r \qquad
         b \leftarrow \mu b + (1 - \tau) d \;(b = d \text{ on the first step}) \qquad
         w \leftarrow w - \gamma \, (d + \mu b \text{ if nesterov, else } b)
 
-    where :math:`\eta` is ``trust_coef`` and :math:`g` is negated first if ``maximize``.
     Groups with ``"lars_exclude": True`` step as plain ``torch.optim.SGD`` (see
     :func:`torchlars.exclude_bias_and_norm`). The state is ``torch.optim.SGD``'s
     (``state[p]["momentum_buffer"]``), so the state dicts of the two load into each other.
@@ -66,7 +62,7 @@ class LARSSGD(Optimizer):
         trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
         clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does (default: False).
         trust_ratio: ``"paper"`` (default) or ``"decayed"``, the self-supervised recipes' ratio
-            :math:`\eta \|w\| / (\|g + \lambda w\| + \epsilon)` (see :class:`torchlars.LARS`).
+            (see :class:`torchlars.LARS`).
         foreach: ``torch._foreach_*`` ops (True), one parameter at a time (False), or
             chosen with ``fused`` (None).
         fused: liblars's fused LARS-momentum operator, one pass over each parameter, its
@@ -124,6 +120,8 @@ class LARSSGD(Optimizer):
             "trust_ratio": trust_ratio,
         }
         super().__init__(params, defaults)
+        prepare_trust_ratio_record(self)
+        prepare_triton([param for group in self.param_groups for param in group["params"]])
         if fused:
             for group_index, group in enumerate(self.param_groups):
                 for param_index, param in enumerate(group["params"]):
@@ -144,6 +142,7 @@ class LARSSGD(Optimizer):
         for group in self.param_groups:
             for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip", "trust_ratio"):
                 group.setdefault(name, self.defaults[name])
+        prepare_trust_ratio_record(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

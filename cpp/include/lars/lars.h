@@ -49,19 +49,16 @@ struct LARSOptions {
 
 /// Layer-wise Adaptive Rate Scaling around a libtorch optimizer (You, Gitman & Ginsburg,
 /// 2017, https://arxiv.org/abs/1708.03888). Each parameter w with gradient g in a param group
-/// with weight decay wd and learning rate lr gets a trust ratio r (the formulas are
-/// `lars::trust_ratio`'s, functional.h), by LARSOptions::trust_ratio:
+/// with weight decay wd and learning rate lr gets the trust ratio r of `lars::trust_ratio`
+/// (functional.h states the formulas), by LARSOptions::trust_ratio:
 ///
-///     paper:   r = trust_coef * |w| / (|g| + wd * |w| + eps)     then g = (g + wd * w) * r
-///     decayed: r = trust_coef * |w| / (|g + wd * w| + eps)       then g = (g + wd * w) * r
-///     update:  the base steps (w_before -> w_after, its own weight decay included), then
-///              r = trust_coef * |w_before| / (|w_after - w_before| / lr + eps)
-///              w = w_before + r * (w_after - w_before)           (LAMB, You et al., 2019)
+///     paper, decayed: g = (g + wd * w) * r, then the base steps on g
+///     update:         the base steps (w_before -> w_after, its own weight decay included),
+///                     then w = w_before + r * (w_after - w_before)   (LAMB, You et al., 2019)
 ///
-/// with r = 1 unless both norms are > 0, and r = min(r / lr, 1) if clip (LARC). For "paper"
-/// and "decayed" the base steps on the scaled gradient with its weight decay set to 0 (the
-/// decay is already in g), restored afterwards even when the base step throws; "update"
-/// takes nothing from the base. Nothing synchronises, and every kernel runs on the current
+/// For "paper" and "decayed" the base steps on the scaled gradient with its weight decay set
+/// to 0 (the decay is already in g), restored afterwards even when the base step throws;
+/// "update" takes nothing from the base. Nothing synchronises, and every kernel runs on the current
 /// stream of the parameters' device: a caller's c10::StreamGuard is honoured, and the step
 /// can run inside CUDA graph capture. `trust_ratios()` gives the ratios of the last step.
 ///

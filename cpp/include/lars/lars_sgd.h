@@ -107,13 +107,12 @@ class LARSSGD : public torch::optim::Optimizer {
   std::vector<std::pair<at::Tensor, at::Tensor>> trust_ratios() const { return trust_ratios_.ratios(); }
 
  private:
-  // The fused step of one group's parameters (the one place that knows of the carried norms).
+  // The fused step of one group's parameters.
   void fused_step(
       const std::vector<at::Tensor>& params,
       const std::vector<at::Tensor>& grads,
       const detail::FusedSGDSettings& settings);
 
-  detail::CarriedNorms carried_norms_; // CarriedNorms: see fused_step and load
   detail::TrustRatioRecord trust_ratios_;
 };
 
