@@ -3,11 +3,12 @@
 The variants (``step_variants.py``) are timed interleaved with fresh gradients before every
 step (``step_timing.py``); each is compared round by round with the fastest SGD of its mode
 (eager or compiled), and the report (``step_report.py``) gives medians with their spread and
-the issue's targets. On CUDA it also checks host syncs, CUDA graph replay and kernel launches
-(``step_cuda_checks.py``).
+the floor measured on the machine (SGD plus one read of the weights and gradients). On CUDA it
+also checks host syncs, CUDA graph replay and kernel launches (``step_cuda_checks.py``).
 
     python bench/bench_step.py --device cpu --quick     # a first look: too few samples to conclude
-    python bench/bench_step.py --device cpu             # what bench/results/step_cpu.* holds
+    python bench/bench_step.py --device cpu --threads 1 --clock thread --compile-sets resnet50 --rounds 25
+                                                        # what bench/results/step_cpu.* holds
     python bench/bench_step.py --device cuda            # the full GPU run
 
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``.

@@ -39,6 +39,7 @@ VARIANTS = (
     Variant("sgd_compiled", "SGD(foreach=True), compiled", "compiled",
             lambda p: _compiled(_sgd(p, foreach=True).step), baseline=True),
     Variant("larssgd", "LARSSGD (Triton)", "eager", lambda p: _larssgd(p).step),
+    Variant("larssgd_compiled", "LARSSGD (Triton), compiled", "compiled", lambda p: _compiled(_larssgd(p).step)),
     Variant("lars_foreach", "LARS(SGD(foreach=True))", "eager", lambda p: _lars(p, foreach=True).step),
     Variant("lars_fused", "LARS(SGD(fused=True))", "eager", lambda p: _lars(p, fused=True).step),
 )

@@ -1,8 +1,20 @@
-"""A plain per-parameter LARS, written from the formula in SPEC.md, for tests to compare with."""
+"""A plain per-parameter LARS, written from the formula (the contract in the project's SPEC, as
+the ``torchlars.LARS`` docstring states it), for tests to compare with; and the SGD options
+the tests step every path with."""
 
 import math
 
 import torch
+
+# The momentum-SGD options every LARS-SGD path is tested with, by name.
+SGD_OPTIONS = {
+    "plain": {},
+    "decay": {"weight_decay": 1e-2},
+    "momentum": {"momentum": 0.9, "weight_decay": 1e-2},
+    "dampening": {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
+    "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    "maximize": {"momentum": 0.9, "maximize": True, "weight_decay": 1e-2},
+}
 
 
 def reference_scaled_grad(param, grad, *, weight_decay, lr, eps, trust_coef, clip):

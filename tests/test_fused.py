@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from lars_reference import SGD_OPTIONS
+
 import _fused_resume_worker
 import torchlars._kernels
 from torchlars import LARS, LARSSGD
@@ -21,14 +23,6 @@ from torchlars_extension import import_extension
 import_extension("torchlars.ops")
 
 SHAPES = [(40, 30), (7,), (5, 4, 3), (9,), (300, 20)]
-OPTIONS = {
-    "plain": {},
-    "decay": {"weight_decay": 1e-2},
-    "momentum": {"momentum": 0.9, "weight_decay": 1e-2},
-    "dampening": {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
-    "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
-    "maximize": {"momentum": 0.9, "maximize": True, "weight_decay": 1e-2},
-}
 
 
 def make_params(dtype=torch.float32, seed=0):
@@ -62,13 +56,13 @@ def assert_close_to_scale(actual, expected, tolerance):
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
-@pytest.mark.parametrize("options", sorted(OPTIONS))
+@pytest.mark.parametrize("options", sorted(SGD_OPTIONS))
 def test_fused_matches_the_foreach_path_over_many_steps(options, clip):
     fused_params, wrapped_params, foreach_params = make_params(), make_params(), make_params()
     settings = dict(lr=0.1, trust_coef=0.02, clip=clip)
-    fused = LARSSGD(fused_params, fused=True, **settings, **OPTIONS[options])
-    wrapped = LARS(torch.optim.SGD(wrapped_params, lr=0.1, fused=True, **OPTIONS[options]), trust_coef=0.02, clip=clip)
-    foreach = LARS(torch.optim.SGD(foreach_params, lr=0.1, foreach=True, **OPTIONS[options]), trust_coef=0.02, clip=clip)
+    fused = LARSSGD(fused_params, fused=True, **settings, **SGD_OPTIONS[options])
+    wrapped = LARS(torch.optim.SGD(wrapped_params, lr=0.1, fused=True, **SGD_OPTIONS[options]), trust_coef=0.02, clip=clip)
+    foreach = LARS(torch.optim.SGD(foreach_params, lr=0.1, foreach=True, **SGD_OPTIONS[options]), trust_coef=0.02, clip=clip)
     for step in range(30):
         set_grads([fused_params, wrapped_params, foreach_params], step)
         fused.step()
@@ -78,7 +72,7 @@ def test_fused_matches_the_foreach_path_over_many_steps(options, clip):
     for param, wrapped_param in zip(fused_params, wrapped_params):
         assert torch.equal(param, wrapped_param)
     assert_close_to_scale(fused_params, foreach_params, 1e-6)
-    if OPTIONS[options].get("momentum"):
+    if SGD_OPTIONS[options].get("momentum"):
         assert_close_to_scale(
             [fused.state[p]["momentum_buffer"] for p in fused_params],
             [foreach.optim.state[p]["momentum_buffer"] for p in foreach_params],
@@ -130,9 +124,14 @@ def test_fused_none_picks_the_fused_operator_on_the_cpu(monkeypatch):
     assert LARS(torch.optim.SGD(make_params(), lr=0.1, fused=True))._step_supports_amp_scaling
 
 
-def test_grads_are_left_as_the_callers():
+@pytest.mark.parametrize("build", ["LARSSGD_foreach", "LARSSGD_fused", "LARS_fused_SGD"])
+def test_grads_are_left_as_the_callers(build):
     params = make_params()
-    optimizer = LARS(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True))
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    if build == "LARS_fused_SGD":
+        optimizer = LARS(torch.optim.SGD(params, fused=True, **options))
+    else:
+        optimizer = LARSSGD(params, foreach=build == "LARSSGD_foreach", fused=build == "LARSSGD_fused", **options)
     set_grads([params], 0)
     grads = [p.grad.clone() for p in params]
     optimizer.step()

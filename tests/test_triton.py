@@ -18,20 +18,12 @@ import torchlars._functional
 import torchlars._kernels
 from torchlars import LARS, LARSSGD
 from kernel_count import count_kernels
-from lars_reference import ReferenceLARS, reference_scaled_grad
+from lars_reference import SGD_OPTIONS, ReferenceLARS, reference_scaled_grad
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs `pip install triton`")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = [(6, 5), (5,), (3, 2, 2), (3,), (2100,)]  # the last spans two chunks of _triton.BLOCK
-SGD_OPTIONS = {
-    "plain": {},
-    "decay": {"weight_decay": 1e-2},
-    "momentum": {"momentum": 0.9, "weight_decay": 1e-2},
-    "dampening": {"momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
-    "nesterov": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
-    "maximize": {"momentum": 0.9, "maximize": True, "weight_decay": 1e-2},
-}
 
 
 @pytest.fixture
