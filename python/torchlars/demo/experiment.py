@@ -41,7 +41,7 @@ class DemoConfig:
     lamb_lr: float = 0.08
     lamb_weight_decay: float = 0.01
     lamb_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 2.0  # both optimizers at large batch; then poly(2) decay to 0
+    warmup_epochs: float = 2.0  # every optimizer at large batch; then poly(2) decay to 0
     weight_decay: float = 5e-4
     momentum: float = 0.9
     num_train: int = 100_000
