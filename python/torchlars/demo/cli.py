@@ -14,8 +14,8 @@ from torchlars.demo.experiment import DemoConfig, run
 
 __all__ = ["main", "parse_args"]
 
-# --full: the default runs, 2K added, with three seeds: 3.4 times the CPU time of the default.
-FULL = dict(batch_sizes=(2048, 8192, 16384), seeds=(0, 1, 2))
+# --full: the default runs, 2K and the LAMB rows added, with three seeds.
+FULL = dict(batch_sizes=(2048, 8192, 16384), seeds=(0, 1, 2), lamb=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m torchlars.demo",
         description=(
             "Large-batch training on MNIST-1D: a small-batch SGD baseline, then SGD (linear LR "
-            "scaling + warm-up) and LARS(SGD) (warm-up + poly(2)) at large batch sizes, for the "
-            "same number of epochs. Writes a markdown table, a PNG plot and the raw curves (JSON)."
+            "scaling + warm-up), LARS(SGD) and LAMB (LARS(AdamW)) (warm-up + poly(2)) at large batch "
+            "sizes, for the same number of epochs. Writes a markdown table, a PNG plot (accuracy "
+            "curves and per-layer trust ratios) and the raw curves (JSON)."
         ),
     )
     parser.add_argument("--full", action="store_true", help=f"the longer version: {FULL}")
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="LARS base LR, multiplied by the trust ratio (default: %(default)s)")
     parser.add_argument("--trust-coef", type=float, default=defaults.trust_coef,
                         help="LARS trust coefficient eta (default: %(default)s)")
+    parser.add_argument("--lamb", action=argparse.BooleanOptionalAction,
+                        help=f"the LAMB rows (default: {'on' if defaults.lamb else 'off'}; on with --full)")
+    parser.add_argument("--lamb-lr", type=float, default=defaults.lamb_lr,
+                        help="LAMB (AdamW) base LR, multiplied by the trust ratio (default: %(default)s)")
+    parser.add_argument("--lamb-weight-decay", type=float, default=defaults.lamb_weight_decay,
+                        help="LAMB's decoupled weight decay (default: %(default)s)")
     parser.add_argument("--num-train", type=int, default=defaults.num_train,
                         help="MNIST-1D training samples (default: %(default)s)")
     parser.add_argument("--num-test", type=int, default=defaults.num_test,
@@ -76,6 +83,9 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         baseline_lr=args.baseline_lr,
         lars_lr=args.lars_lr,
         trust_coef=args.trust_coef,
+        lamb=full.get("lamb", defaults.lamb) if args.lamb is None else args.lamb,
+        lamb_lr=args.lamb_lr,
+        lamb_weight_decay=args.lamb_weight_decay,
         num_train=args.num_train,
         num_test=args.num_test,
         device=str(device),

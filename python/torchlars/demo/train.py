@@ -1,4 +1,4 @@
-"""One training run: a small 1-D CNN on MNIST-1D with SGD or LARS(SGD)."""
+"""One training run: a small 1-D CNN on MNIST-1D with SGD, LARS(SGD) or LAMB (LARS(AdamW))."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchlars import LARS, exclude_bias_and_norm
+from torchlars import LARS, exclude_bias_and_norm, named_trust_ratios
 
 __all__ = ["RunSpec", "RunResult", "make_model", "train_run"]
 
@@ -18,12 +18,14 @@ __all__ = ["RunSpec", "RunResult", "make_model", "train_run"]
 class RunSpec:
     """What distinguishes one row of the table from another."""
 
-    optimizer: str  # "sgd" or "lars"
+    optimizer: str  # "sgd", "lars" or "lamb"
     batch_size: int
     lr: float  # peak learning rate, reached at the end of warm-up
     warmup_epochs: float
     lr_policy: str  # how ``lr`` was chosen, for the table
-    trust_coef: float = 0.0  # LARS only
+    trust_coef: float = 0.0  # LARS and LAMB only
+    weight_decay: float | None = None  # None: the demo's (``train_run``'s); LAMB sets its own
+    betas: tuple[float, float] = (0.9, 0.999)  # LAMB only: AdamW's moment decays
 
 
 @dataclass
@@ -32,6 +34,8 @@ class RunResult:
     seed: int
     test_acc: list[float] = field(default_factory=list)  # after every epoch, in [0, 1]
     train_loss: list[float] = field(default_factory=list)
+    # LARS and LAMB: layer name -> its trust ratio at the last step of every epoch, in depth order.
+    trust_ratios: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -55,13 +59,25 @@ def make_model(num_classes: int = 10, width: int = 16) -> nn.Module:
     )
 
 
+OPTIMIZERS = ("sgd", "lars", "lamb")
+
+
 def make_optimizer(spec: RunSpec, model: nn.Module, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD; LARS(SGD); or LAMB, LARS(AdamW) scaling AdamW's step by ``trust_coef * ||w|| / ||step / lr||``.
+
+    LARS and LAMB keep biases and norms out of the weight decay and the trust ratio
+    (:func:`~torchlars.exclude_bias_and_norm`); those take the base optimizer's plain step.
+    """
+    weight_decay = weight_decay if spec.weight_decay is None else spec.weight_decay
     if spec.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=momentum, weight_decay=weight_decay)
     if spec.optimizer == "lars":
         base = torch.optim.SGD(exclude_bias_and_norm(model, weight_decay), lr=spec.lr, momentum=momentum)
         return LARS(base, trust_coef=spec.trust_coef)
-    raise ValueError(f"unknown optimizer {spec.optimizer!r}; use 'sgd' or 'lars'")
+    if spec.optimizer == "lamb":
+        base = torch.optim.AdamW(exclude_bias_and_norm(model, weight_decay), lr=spec.lr, betas=spec.betas, eps=1e-6)
+        return LARS(base, trust_coef=spec.trust_coef, eps=0.0, trust_ratio="update")
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; use one of {', '.join(map(repr, OPTIMIZERS))}")
 
 
 def warmup_poly_schedule(warmup_steps: int, total_steps: int, power: float = 2.0):
@@ -91,6 +107,9 @@ def train_run(
     eval_batch_size: int = 4096,
 ) -> RunResult:
     """Train a fresh model with ``spec`` for ``epochs``; test accuracy after every epoch.
+
+    LARS and LAMB runs also record every adapted layer's trust ratio at the end of each epoch
+    (one host sync per epoch, for all layers together).
 
     Before each evaluation BatchNorm's statistics are recomputed on ``precise_bn_samples``
     training samples (see :func:`recalibrate_batch_norm`).
@@ -125,11 +144,19 @@ def train_run(
                 losses.append(loss.detach())
                 bar.update()
             result.train_loss.append(torch.stack(losses).mean().item())
+            if isinstance(optimizer, LARS):
+                _record_trust_ratios(result.trust_ratios, named_trust_ratios(optimizer, model))
             recalibrate_batch_norm(model, x_train[order[:precise_bn_samples]], eval_batch_size)
             result.test_acc.append(evaluate(model, x_test, y_test, eval_batch_size))
             bar.set_postfix(loss=f"{result.train_loss[-1]:.3f}", test_acc=f"{result.test_acc[-1]:.3f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _record_trust_ratios(history: dict[str, list[float]], ratios: dict[str, torch.Tensor]) -> None:
+    values = torch.stack(list(ratios.values())).tolist()  # the one sync
+    for name, value in zip(ratios, values):
+        history.setdefault(name, []).append(value)
 
 
 @torch.no_grad()
