@@ -136,22 +136,6 @@ def test_update_ratio_around_adamw_is_lamb(lr_as_tensor):
         )
 
 
-def test_update_ratio_matches_timm_lamb():
-    timm_optim = pytest.importorskip("timm.optim")
-    model, reference = _model(), _model()
-    optimizer = LARS(torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05),
-                     trust_coef=1.0, eps=0.0, trust_ratio="update")
-    lamb = timm_optim.Lamb(reference.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
-                           max_grad_norm=None, always_adapt=True)
-    for step in range(4):
-        _backward(model, step)
-        _backward(reference, step)
-        optimizer.step()
-        lamb.step()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
 def test_update_ratio_leaves_excluded_groups_and_state_to_the_base():
     model = _model()
     base = torch.optim.AdamW(exclude_bias_and_norm(model, 1e-2), lr=1e-2)

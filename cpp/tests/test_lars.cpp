@@ -9,6 +9,8 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <gtest/gtest.h>
+
+#include "test_helpers.h"
 #include <torch/cuda.h>
 #include <torch/optim.h>
 #include <torch/serialize.h>
@@ -50,20 +52,8 @@ void set_grad(const at::Tensor& param, const at::Tensor& grad) {
   param.mutable_grad() = grad.clone();
 }
 
-template <typename Error>
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const Error& error) {
-    return error.what_without_backtrace();
-  }
-  ADD_FAILURE() << "no error raised";
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using lars_test::contains;
+using lars_test::error_of;
 
 // A base optimizer LARS knows nothing about, whose options serialise a weight decay.
 struct PlainOptions : torch::optim::OptimizerCloneableOptions<PlainOptions> {

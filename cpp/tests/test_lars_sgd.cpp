@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_helpers.h"
 #include <torch/optim.h>
 #include <torch/serialize.h>
 
@@ -24,20 +26,8 @@ using torch::optim::OptimizerParamGroup;
 using torch::optim::SGDOptions;
 using torch::optim::SGDParamState;
 
-template <typename Error>
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const Error& error) {
-    return error.what_without_backtrace();
-  }
-  ADD_FAILURE() << "no error raised";
-  return "";
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using lars_test::contains;
+using lars_test::error_of;
 
 at::Tensor momentum_buffer(const torch::optim::Optimizer& optimizer, const at::Tensor& param) {
   const auto found = optimizer.state().find(param.unsafeGetTensorImpl());
