@@ -495,3 +495,30 @@ def test_compiled_step_is_the_eager_step_through_an_edit(backend, build, momentu
         for param, expected in zip(params, eager_params):
             torch.testing.assert_close(param, expected, rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_a_compiled_first_step_that_overflows_leaves_zero_buffers():
+    # The compiled step cannot return on the host: the kernel skips, and the buffers it made stay
+    # zeros (not uninitialised memory), so the next step starts from that step's update.
+    torch._dynamo.reset()
+    params, eager_params = make_params(), make_params()
+    optimizer = LARSSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02, fused=True)
+    eager = LARSSGD(eager_params, lr=0.1, momentum=0.9, weight_decay=1e-2, trust_coef=0.02, fused=True)
+    compiled_step = torch.compile(optimizer.step, backend="eager")
+    weights = [p.detach().clone() for p in params]
+    set_grads([params, eager_params], 0)
+    for o in (optimizer, eager):
+        o.grad_scale, o.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # as GradScaler hands them
+    compiled_step()
+    eager.step()
+    for param, weight in zip(params, weights):
+        assert torch.equal(param, weight)
+    for param in params:
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], torch.zeros_like(param))
+    for o in (optimizer, eager):
+        o.found_inf = torch.tensor(0.0)
+    set_grads([params, eager_params], 1)
+    compiled_step()
+    eager.step()  # eager skipped on the host: this is its first step
+    assert_close_to_scale(params, eager_params, 1e-6)
+    torch._dynamo.reset()

@@ -105,6 +105,7 @@ def fused_lars_sgd(
     lr: float | Tensor,
     momentum: float,
     variant: str,
+    found_inf: Tensor | None,
     **settings: Any,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """``torch.ops.torchlars.lars_sgd_`` on a bucket of one device and dtype, eager or compiled.
@@ -121,8 +122,12 @@ def fused_lars_sgd(
     else:
         updated = [i for i, buffer in enumerate(momentum_buffer_list) if buffer is not None]
         first = [i for i, buffer in enumerate(momentum_buffer_list) if buffer is None]
+        # A first step GradScaler skips leaves these buffers as they are made: zeros then (only
+        # a compiled step gets here with an overflow; eager ones return before), which the next
+        # step's update turns into that step's d, exactly so without dampening.
+        new_buffer = torch.empty_like if found_inf is None else torch.zeros_like
         for i in first:
-            momentum_buffer_list[i] = torch.empty_like(params[i])
+            momentum_buffer_list[i] = new_buffer(params[i])
         calls = [(is_first_step, positions) for is_first_step, positions in ((False, updated), (True, first)) if positions]
     op_lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
     ratios = []
@@ -138,6 +143,7 @@ def fused_lars_sgd(
             is_first_step=is_first_step,
             trust_ratio=variant,
             trust_ratios=call_ratios,
+            found_inf=found_inf,
             **settings,
         )
         ratios.append((call_params, call_ratios))
