@@ -29,9 +29,6 @@ from torchlars._foreach import decay_, decay_and_scale_, grouped_by_device_and_d
 
 __all__ = ["TRUST_RATIOS", "lars_scale_gradients_", "lars_scaled_gradients", "lars_sgd", "lars_update_", "trust_ratio"]
 
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-
-
 TRUST_RATIOS = ("paper", "decayed", "update")
 
 
@@ -125,11 +122,10 @@ def lars_scaled_gradients(
         param = param.clone()  # what autograd saves must outlive the base's in-place update of param
         if maximize:
             grad = -grad
-        norm_dtype = torch.float32 if param.dtype in _HALF_TYPES else None
         decayed = grad + weight_decay * param
         ratio = trust_ratio(
-            torch.linalg.vector_norm(param, dtype=norm_dtype),
-            torch.linalg.vector_norm(decayed if variant == "decayed" else grad, dtype=norm_dtype),
+            torch.linalg.vector_norm(param, dtype=norm_dtype(param.dtype)),
+            torch.linalg.vector_norm(decayed if variant == "decayed" else grad, dtype=norm_dtype(param.dtype)),
             weight_decay=weight_decay,
             lr=lr,
             eps=eps,

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from torchlars._functional import trust_ratio
 
-__all__ = ["DTYPES", "Tables", "lars_sgd_", "norms", "scale_gradients", "steps", "tables_for"]
+__all__ = ["DTYPES", "Tables", "lars_sgd_", "norms", "scale_gradients_", "steps", "tables_for"]
 
 # What the kernels step: the arithmetic is done in fp32, as in ATen's fused optimizers.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
