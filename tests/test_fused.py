@@ -515,6 +515,7 @@ def test_a_compiled_first_step_that_overflows_leaves_zero_buffers():
         assert torch.equal(param, weight)
     for param in params:
         assert torch.equal(optimizer.state[param]["momentum_buffer"], torch.zeros_like(param))
+    assert all(ratio.isnan() for ratio in optimizer.trust_ratios().values()), "a skipped step used no ratio"
     for o in (optimizer, eager):
         o.found_inf = torch.tensor(0.0)
     set_grads([params, eager_params], 1)

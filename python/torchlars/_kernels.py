@@ -133,7 +133,8 @@ def fused_lars_sgd(
     ratios = []
     for is_first_step, positions in calls:
         call_params = [params[i] for i in positions]
-        call_ratios = torch.empty(len(positions), dtype=torch.float32)
+        # NaN where a step GradScaler skips (only compiled ones get here then) leaves no ratio.
+        call_ratios = torch.full((len(positions),), float("nan") if found_inf is not None else 0.0, dtype=torch.float32)
         torch.ops.torchlars.lars_sgd_(
             call_params,
             [grads[i] for i in positions],
