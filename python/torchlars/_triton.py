@@ -372,20 +372,17 @@ def scale_gradients_(
 ) -> Tensor:
     r""":math:`g \leftarrow (g + \lambda w) \cdot r` for one device and dtype, in 3 kernels and the ratio's
     few tensor ops; returns the fp32 ratios it used."""
-    ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device)
     weight_decay_tensor = weight_decay if isinstance(weight_decay, Tensor) else None
-    torch.ops.torchlars_triton.scale_gradients_step_(
-        params, grads, ratios, _as_tensor(lr), weight_decay_tensor,
+    return torch.ops.torchlars_triton.scale_gradients_step_(
+        params, grads, _as_tensor(lr), weight_decay_tensor,
         0.0 if weight_decay_tensor is not None else float(weight_decay), eps, trust_coef, clip, variant,
     )
-    return ratios
 
 
-@torch.library.custom_op("torchlars_triton::scale_gradients_step_", mutates_args=("grads", "trust_ratios"))
+@torch.library.custom_op("torchlars_triton::scale_gradients_step_", mutates_args=("grads",))
 def _scale_gradients_step_(
     params: list[Tensor],
     grads: list[Tensor],
-    trust_ratios: Tensor,
     lr: Tensor,
     weight_decay_tensor: Tensor | None,
     weight_decay: float,
@@ -393,9 +390,10 @@ def _scale_gradients_step_(
     trust_coef: float,
     clip: bool,
     variant: str,
-) -> None:
+) -> Tensor:
     """The whole gradient scaling as one operator, which a compiled step calls as it is: its
-    tables are found by the tensors' data pointers, which only a running step has."""
+    tables are found by the tensors' data pointers, which only a running step has. Returns the
+    ratios it used."""
     wd = weight_decay if weight_decay_tensor is None else weight_decay_tensor
     tables = tables_for(params, grads)
     param_norms, grad_norms = norms(params, grads, tables, weight_decay=wd, decayed=variant == "decayed")
@@ -406,12 +404,17 @@ def _scale_gradients_step_(
     torch.ops.torchlars_triton.scale_gradients_(
         params, grads, tables.storage, tables.num_chunks, ratios, weight_decay_tensor, weight_decay
     )
-    trust_ratios.copy_(ratios)
+    return ratios
 
 
 @_scale_gradients_step_.register_fake
-def _(params, grads, trust_ratios, lr, weight_decay_tensor, weight_decay, eps, trust_coef, clip, variant) -> None:
-    return None
+def _(params, grads, lr, weight_decay_tensor, weight_decay, eps, trust_coef, clip, variant) -> Tensor:
+    return _ratios_like(params)
+
+
+def _ratios_like(params: list[Tensor]) -> Tensor:
+    """What the operators return: one fp32 ratio per tensor, on the tensors' device."""
+    return torch.empty(len(params), dtype=torch.float32, device=params[0].device)
 
 
 def _as_tensor(lr: float | Tensor) -> Tensor:
@@ -470,22 +473,18 @@ def lars_sgd_(
         if first_step:
             momentum_buffer_list[:] = [torch.empty_like(param) for param in params]
         buffers = momentum_buffer_list
-    ratios = torch.empty(len(params), dtype=torch.float32, device=params[0].device)
-    torch.ops.torchlars_triton.lars_sgd_step_(
-        params, grads, buffers, ratios, _as_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
+    ratios = torch.ops.torchlars_triton.lars_sgd_step_(
+        params, grads, buffers, _as_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
         float(dampening), nesterov, maximize, first_step, eps, trust_coef, clip, variant,
     )
     return [(params, ratios)]
 
 
-@torch.library.custom_op(
-    "torchlars_triton::lars_sgd_step_", mutates_args=("params", "momentum_buffers", "trust_ratios")
-)
+@torch.library.custom_op("torchlars_triton::lars_sgd_step_", mutates_args=("params", "momentum_buffers"))
 def _lars_sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
-    trust_ratios: Tensor,
     lr: Tensor,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -499,10 +498,10 @@ def _lars_sgd_step_(
     trust_coef: float,
     clip: bool,
     variant: str,
-) -> None:
+) -> Tensor:
     """The whole step of a bucket as one operator, which a compiled step calls as it is: its
-    tables are found by the tensors' data pointers, which only a running step has. Writes the
-    ratios it used into ``trust_ratios``."""
+    tables are found by the tensors' data pointers, which only a running step has. Returns the
+    ratios it used."""
     tables = tables_for(params, grads, *([momentum_buffers] if momentum_buffers else []))
     sign = -1.0 if maximize else 1.0
     param_norms, grad_norms = norms(
@@ -519,10 +518,10 @@ def _lars_sgd_step_(
         params, grads, momentum_buffers, tables.storage, tables.num_chunks, ratios, grad_scale, found_inf, lr_tensor,
         0.0 if lr_tensor is not None else host_lr, weight_decay, sign, momentum, dampening, nesterov, first_step,
     )
-    trust_ratios.copy_(ratios)
+    return ratios
 
 
 @_lars_sgd_step_.register_fake
-def _(params, grads, momentum_buffers, trust_ratios, lr, grad_scale, found_inf, weight_decay, momentum, dampening,
-      nesterov, maximize, first_step, eps, trust_coef, clip, variant) -> None:
-    return None
+def _(params, grads, momentum_buffers, lr, grad_scale, found_inf, weight_decay, momentum, dampening, nesterov,
+      maximize, first_step, eps, trust_coef, clip, variant) -> Tensor:
+    return _ratios_like(params)
