@@ -176,39 +176,52 @@ std::shared_ptr<torch::optim::Optimizer> make_base(
       "'adagrad', got '", name, "'");
 }
 
-// lars::LARS behind a lock. step() and zero_grad() release the GIL, so without it two Python
-// threads could step one optimizer at once and race on its gradients, state and param groups.
-class LockedLARS {
+// A liblars optimizer behind a lock. step() and zero_grad() release the GIL, so without it two
+// Python threads could step one optimizer at once and race on its gradients, state and param
+// groups. torchlars.cpp.LARS and torchlars.cpp.LARSSGD are this, around lars::LARS and
+// lars::LARSSGD.
+template <typename Optimizer>
+class Locked {
  public:
-  explicit LockedLARS(std::unique_ptr<lars::LARS> lars) : lars_(std::move(lars)) {}
+  explicit Locked(std::unique_ptr<Optimizer> optimizer) : optimizer_(std::move(optimizer)) {}
 
   void step() {
     const std::lock_guard<std::mutex> lock(mutex_);
-    lars_->step();
+    optimizer_->step();
   }
 
   void zero_grad(bool set_to_none) {
     const std::lock_guard<std::mutex> lock(mutex_);
-    lars_->zero_grad(set_to_none);
+    optimizer_->zero_grad(set_to_none);
   }
-
-  // Set at construction and never changed by a step.
-  const lars::LARSOptions& options() const { return lars_->options(); }
 
   // {parameter: 0-dim fp32 tensor}, as torchlars.LARS.trust_ratios() gives it.
   py::dict trust_ratios() {
     const std::lock_guard<std::mutex> lock(mutex_);
     py::dict ratios;
-    for (const auto& [param, ratio] : lars_->trust_ratios()) {
+    for (const auto& [param, ratio] : optimizer_->trust_ratios()) {
       ratios[py::cast(param)] = py::cast(ratio);
     }
     return ratios;
   }
 
+  // What a step never changes (a lars::LARS's options, set at construction): read without the lock.
+  const Optimizer& unlocked() const { return *optimizer_; }
+
+  // What `read` returns from the optimizer, read under the lock.
+  template <typename Read>
+  auto read(const Read& read) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return read(*optimizer_);
+  }
+
  private:
   std::mutex mutex_;
-  std::unique_ptr<lars::LARS> lars_;
+  std::unique_ptr<Optimizer> optimizer_;
 };
+
+using LockedLARS = Locked<lars::LARS>;
+using LockedLARSSGD = Locked<lars::LARSSGD>;
 
 // The options of one lars::LARSSGD param group, from the complete dict torchlars/cpp.py
 // builds (its keys and their types checked there).
@@ -245,50 +258,14 @@ py::dict larssgd_group_dict(const torch::optim::OptimizerParamGroup& group) {
   return dict;
 }
 
-// lars::LARSSGD behind a lock, for the reason LockedLARS has one.
-class LockedLARSSGD {
- public:
-  LockedLARSSGD(const std::vector<ParamGroup>& groups, const py::dict& defaults) {
-    std::vector<torch::optim::OptimizerParamGroup> param_groups;
-    for (const auto& [params, options] : groups) {
-      param_groups.emplace_back(params, std::make_unique<lars::LARSSGDOptions>(larssgd_options(options)));
-    }
-    optimizer_ = std::make_unique<lars::LARSSGD>(param_groups, larssgd_options(defaults));
+// A lars::LARSSGD from torchlars/cpp.py's param groups and defaults.
+std::unique_ptr<lars::LARSSGD> make_larssgd(const std::vector<ParamGroup>& groups, const py::dict& defaults) {
+  std::vector<torch::optim::OptimizerParamGroup> param_groups;
+  for (const auto& [params, options] : groups) {
+    param_groups.emplace_back(params, std::make_unique<lars::LARSSGDOptions>(larssgd_options(options)));
   }
-
-  void step() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    optimizer_->step();
-  }
-
-  void zero_grad(bool set_to_none) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    optimizer_->zero_grad(set_to_none);
-  }
-
-  // A copy: [{"params": [...], "lr": ..., ...}], torch.optim's param_groups as of now.
-  py::list param_groups() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    py::list groups;
-    for (const auto& group : optimizer_->param_groups()) {
-      groups.append(larssgd_group_dict(group));
-    }
-    return groups;
-  }
-
-  py::dict trust_ratios() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    py::dict ratios;
-    for (const auto& [param, ratio] : optimizer_->trust_ratios()) {
-      ratios[py::cast(param)] = py::cast(ratio);
-    }
-    return ratios;
-  }
-
- private:
-  std::mutex mutex_;
-  std::unique_ptr<lars::LARSSGD> optimizer_;
-};
+  return std::make_unique<lars::LARSSGD>(param_groups, larssgd_options(defaults));
+}
 
 } // namespace
 
@@ -346,20 +323,37 @@ PYBIND11_MODULE(_C, m) {
           &LockedLARS::zero_grad,
           py::arg("set_to_none") = true,
           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("eps", [](const LockedLARS& self) { return self.options().eps(); })
-      .def_property_readonly("trust_coef", [](const LockedLARS& self) { return self.options().trust_coef(); })
-      .def_property_readonly("clip", [](const LockedLARS& self) { return self.options().clip(); })
-      .def_property_readonly(
-          "trust_ratio", [](const LockedLARS& self) { return lars::trust_ratio_name(self.options().trust_ratio()); });
+      .def_property_readonly("eps", [](const LockedLARS& self) { return self.unlocked().options().eps(); })
+      .def_property_readonly("trust_coef", [](const LockedLARS& self) { return self.unlocked().options().trust_coef(); })
+      .def_property_readonly("clip", [](const LockedLARS& self) { return self.unlocked().options().clip(); })
+      .def_property_readonly("trust_ratio", [](const LockedLARS& self) {
+        return lars::trust_ratio_name(self.unlocked().options().trust_ratio());
+      });
 
   py::class_<LockedLARSSGD>(m, "LARSSGD")
-      .def(py::init<const std::vector<ParamGroup>&, const py::dict&>(), py::arg("param_groups"), py::arg("defaults"))
+      .def(
+          py::init([](const std::vector<ParamGroup>& groups, const py::dict& defaults) {
+            return std::make_unique<LockedLARSSGD>(make_larssgd(groups, defaults));
+          }),
+          py::arg("param_groups"),
+          py::arg("defaults"))
       .def("step", &LockedLARSSGD::step, py::call_guard<py::gil_scoped_release>())
       .def(
           "zero_grad",
           &LockedLARSSGD::zero_grad,
           py::arg("set_to_none") = true,
           py::call_guard<py::gil_scoped_release>())
-      .def("param_groups", &LockedLARSSGD::param_groups)
+      // A copy: [{"params": [...], "lr": ..., ...}], torch.optim's param_groups as of now.
+      .def(
+          "param_groups",
+          [](LockedLARSSGD& self) {
+            return self.read([](const lars::LARSSGD& optimizer) {
+              py::list groups;
+              for (const auto& group : optimizer.param_groups()) {
+                groups.append(larssgd_group_dict(group));
+              }
+              return groups;
+            });
+          })
       .def("trust_ratios", &LockedLARSSGD::trust_ratios);
 }

@@ -199,12 +199,12 @@ float norm_from_partials(const std::vector<opmath_t>& partials, size_t first, si
 }
 
 // How the first pass makes, from g, the vector whose norm the trust ratio divides by: g
-// divided by the loss scale (if any) for "paper"; for "decayed" also negated if maximising
-// and decayed, d = g + weight_decay * w, the very values the update then scales.
+// divided by the loss scale (if any) for "paper"; for "decayed" (chunk_square_sums<true>)
+// also negated if maximising and decayed, d = g + weight_decay * w, the very values the
+// update then scales.
 template <typename opmath_t>
 struct NormedGradient {
   const opmath_t* scale; // null without a loss scale
-  bool decayed;
   bool maximize;
   opmath_t weight_decay;
 };
@@ -320,8 +320,7 @@ void lars_sgd_typed(
   const opmath_t scale = grad_scale ? static_cast<opmath_t>(*grad_scale) : 0;
   const opmath_t* scale_ptr = grad_scale ? &scale : nullptr;
   const bool decayed = options.variant == TrustRatio::kDecayed;
-  const NormedGradient<opmath_t> normed{
-      scale_ptr, decayed, options.maximize, static_cast<opmath_t>(options.weight_decay)};
+  const NormedGradient<opmath_t> normed{scale_ptr, options.maximize, static_cast<opmath_t>(options.weight_decay)};
   std::vector<int64_t> numels;
   for (const auto& slot : slots) {
     numels.push_back(slot.param.numel());

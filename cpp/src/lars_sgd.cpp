@@ -175,13 +175,6 @@ void LARSSGD::add_param_group(const OptimizerParamGroup& param_group) {
   }
 }
 
-void LARSSGD::fused_step(
-    const std::vector<at::Tensor>& params,
-    const std::vector<at::Tensor>& grads,
-    const detail::FusedSGDSettings& settings) {
-  detail::fused_sgd_step(params, grads, settings, state_, trust_ratios_);
-}
-
 torch::Tensor LARSSGD::step(LossClosure closure) {
   torch::Tensor loss;
   if (closure) {
@@ -235,11 +228,12 @@ torch::Tensor LARSSGD::step(LossClosure closure) {
       (fused ? fused_grads : other_grads).push_back(grads[i][j]);
     }
     if (!fused_params.empty()) {
-      fused_step(
+      detail::fused_sgd_step(
           fused_params, fused_grads,
           detail::FusedSGDSettings{
               group.lr(), group.weight_decay(), group.momentum(), group.dampening(), group.nesterov(),
-              group.maximize(), group.eps(), group.trust_coef(), group.clip(), group.trust_ratio()});
+              group.maximize(), group.eps(), group.trust_coef(), group.clip(), group.trust_ratio()},
+          state_, trust_ratios_);
     }
     // The others: the same ratios on copies of their gradients (the caller's stay as they
     // are), per device, then an SGD step without weight decay (it is in the scaled gradient).

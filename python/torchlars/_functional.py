@@ -261,8 +261,6 @@ def scale_update_(
     return ratios
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # A whole LARS + momentum-SGD step
 

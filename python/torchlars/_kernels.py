@@ -19,7 +19,6 @@ from torch import Tensor
 __all__ = [
     "FUSED_DTYPES",
     "check_fused_param",
-    "extension_installed",
     "fused_bucket",
     "fused_lars_sgd",
     "fused_lars_sgd_supports",
@@ -42,10 +41,6 @@ _PLAIN_TENSORS = {Tensor, torch.nn.Parameter}
 
 # Looked up once, at import: a constant to torch.compile, which cannot trace importlib.
 _EXTENSION_INSTALLED = importlib.util.find_spec("torchlars._C") is not None
-
-
-def extension_installed() -> bool:
-    return _EXTENSION_INSTALLED
 
 
 def fused_bucket(device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> bool:

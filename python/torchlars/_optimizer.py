@@ -16,6 +16,7 @@ from torchlars._functional import TRUST_RATIOS
 __all__ = [
     "check_lars_settings",
     "evaluate_closure",
+    "group_index",
     "params_with_dense_grads",
     "position",
     "prepare_trust_ratio_record",
@@ -54,25 +55,27 @@ def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
+def group_index(group: dict[str, Any], param_groups: list[dict[str, Any]]) -> int:
+    """The index of ``group`` (the very dict) in ``param_groups``, for messages."""
+    return next(i for i, g in enumerate(param_groups) if g is group)
+
+
 def position(param: Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]]) -> str:
     """"parameter i of param group k", for messages."""
     param_index = next(i for i, p in enumerate(group["params"]) if p is param)
-    group_index = next(i for i, g in enumerate(param_groups) if g is group)
-    return f"parameter {param_index} of param group {group_index}"
+    return f"parameter {param_index} of param group {group_index(group, param_groups)}"
 
 
 def params_with_dense_grads(
     group: dict[str, Any],
     param_groups: list[dict[str, Any]],
     owner: str,
-    *,
-    check: Callable[[Tensor, str], None] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters of ``group`` that have a gradient, and their gradients.
 
-    For a group LARS adapts (not ``"lars_exclude"``), refuses by name a sparse gradient, a
-    parameter whose norm LARS cannot take (FSDP1's flat shards, mismatched DTensors), and
-    what ``check(param, position)`` refuses; nothing is modified.
+    For a group LARS adapts (not ``"lars_exclude"``), refuses by name a sparse gradient and a
+    parameter whose norm LARS cannot take (FSDP1's flat shards, mismatched DTensors); nothing
+    is modified.
     """
     params = [param for param in group["params"] if param.grad is not None]
     grads = [param.grad for param in params]
@@ -88,8 +91,6 @@ def params_with_dense_grads(
         problem = sharding_problem(param)
         if problem is not None:
             raise RuntimeError(f"{owner} cannot scale {position(param, group, param_groups)}: {problem}")
-        if check is not None:
-            check(param, position(param, group, param_groups))
     return params, grads
 
 

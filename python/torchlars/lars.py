@@ -23,6 +23,7 @@ from torchlars._kernels import prepare_triton
 from torchlars._optimizer import (
     check_lars_settings,
     evaluate_closure,
+    group_index,
     params_with_dense_grads,
     position,
     prepare_trust_ratio_record,
@@ -292,7 +293,7 @@ class LARS(Optimizer):
         for group, (_, (dtensor_params, _)) in zip(adapted_groups, gathered):
             if group.get("differentiable", False) and dtensor_params:
                 raise ValueError(
-                    f"LARS: param group {_group_index(group, self.param_groups)} has differentiable=True "
+                    f"LARS: param group {group_index(group, self.param_groups)} has differentiable=True "
                     "and DTensor parameters, whose differentiable step LARS does not have; build the "
                     "base optimizer with differentiable=False"
                 )
@@ -413,12 +414,12 @@ def _check_group_options(group: dict[str, Any], param_groups: list[dict[str, Any
     """Refuse, by name, an option of an adapted group that LARS cannot honour."""
     if backend == "cpp" and group.get("differentiable", False):
         raise ValueError(
-            f"LARS(backend='cpp'): param group {_group_index(group, param_groups)} has differentiable=True, "
+            f"LARS(backend='cpp'): param group {group_index(group, param_groups)} has differentiable=True, "
             "which liblars's in-place operator cannot differentiate; use backend='foreach'"
         )
     if backend == "cpp" and isinstance(group.get("weight_decay"), torch.Tensor):
         raise ValueError(
-            f"LARS(backend='cpp'): param group {_group_index(group, param_groups)} has a tensor "
+            f"LARS(backend='cpp'): param group {group_index(group, param_groups)} has a tensor "
             "weight_decay, which liblars's operator takes as a number; use backend='foreach' or a "
             "float weight_decay"
         )
@@ -492,10 +493,6 @@ def _check_backend(backend: str) -> None:
     if backend == "cpp":
         # Fails here, not at the first step, when the C++ extension is missing.
         import torchlars.ops  # noqa: F401
-
-
-def _group_index(group: dict[str, Any], param_groups: list[dict[str, Any]]) -> int:
-    return next(i for i, g in enumerate(param_groups) if g is group)
 
 
 def exclude_bias_and_norm(

@@ -107,12 +107,6 @@ class LARSSGD : public torch::optim::Optimizer {
   std::vector<std::pair<at::Tensor, at::Tensor>> trust_ratios() const { return trust_ratios_.ratios(); }
 
  private:
-  // The fused step of one group's parameters.
-  void fused_step(
-      const std::vector<at::Tensor>& params,
-      const std::vector<at::Tensor>& grads,
-      const detail::FusedSGDSettings& settings);
-
   detail::TrustRatioRecord trust_ratios_;
 };
 
