@@ -122,8 +122,10 @@ def test_step_evaluates_the_closure_first_and_returns_its_loss():
         loss = lars_cpp.step(closure)
     assert loss.requires_grad
     train(twin, python, [(x, y)])
+    # To rounding: over SGD the C++ LARS steps through the fused kernel, the Python one through
+    # ATen's ops, whose sums depend on the CPU capability.
     for param, twin_param in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(param, twin_param, rtol=0, atol=0)
+        torch.testing.assert_close(param, twin_param, **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
