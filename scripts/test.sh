@@ -9,4 +9,7 @@ source scripts/_python.sh
 echo "== ctest"
 ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error
 echo "== pytest"
+# Inductor's cache of compiled kernels, kept in the build tree: a shared /tmp cache filled by
+# runs with other settings (ATEN_CPU_CAPABILITY, another torch) once aborted the suite here.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(cd "$BUILD_DIR" && pwd)/inductor-cache}"
 CI=true "$PY" -m pytest -q tests "$@"
