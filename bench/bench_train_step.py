@@ -97,7 +97,6 @@ VARIANTS = {
     "larssgd_foreach": ("LARSSGD(foreach=True)", lambda p: larssgd(p, foreach=True)),
     "lars_sgd_fused": ("LARS(SGD(fused=True))", lambda p: LARS(sgd(p, fused=True))),
     "lars_sgd_foreach": ("LARS(SGD(foreach=True))", lambda p: LARS(sgd(p, foreach=True))),
-    "lars_cpp": ('LARS(SGD(foreach=True), backend="cpp")', lambda p: LARS(sgd(p, foreach=True), backend="cpp")),
 }
 FUSED = {"larssgd_fused", "lars_sgd_fused"}
 

@@ -11,7 +11,7 @@ from param_sets import PARAM_SETS
 from step_timing import make_params
 from step_variants import Variant
 
-CHECKED = ("sgd_foreach", "lars_python", "larssgd", "lars_cpp_ops", "cpp_lars", "loop_0_1_2")
+CHECKED = ("sgd_foreach", "lars_python", "larssgd", "cpp_lars", "loop_0_1_2")
 
 
 def count_syncs(step: Callable[[], object]) -> int | str:

@@ -65,9 +65,8 @@ def _sgd(params: list[Tensor], **impl: bool) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **impl)
 
 
-def _lars(params: list[Tensor], *, backend: str | None = None, **impl: bool) -> LARS:
-    options = {} if backend is None else {"backend": backend}
-    return LARS(_sgd(params, **impl), eps=EPS, trust_coef=TRUST_COEF, **options)
+def _lars(params: list[Tensor], **impl: bool) -> LARS:
+    return LARS(_sgd(params, **impl), eps=EPS, trust_coef=TRUST_COEF)
 
 
 def _larssgd(params: list[Tensor], **impl: bool) -> torch.optim.Optimizer:
@@ -92,21 +91,6 @@ def _no_fused_lars(device: str) -> Callable[[], str | None]:
         if device != "cpu":
             return f"liblars's fused operator has no {device} kernel (the foreach path steps it)"
         return _no_extension()
-
-    return unavailable
-
-
-def _no_cpp_ops(device: str) -> Callable[[], str | None]:
-    def unavailable() -> str | None:
-        if "backend" not in inspect.signature(LARS).parameters:
-            return "this torchlars has no backend option"
-        try:
-            param = torch.ones(2, device=device, requires_grad=True)
-            param.grad = torch.ones_like(param)
-            _lars([param], backend="cpp").step()
-        except (ImportError, RuntimeError, ValueError, AttributeError) as error:
-            return f"backend='cpp': {str(error).splitlines()[0][:120]}"
-        return None
 
     return unavailable
 
@@ -160,8 +144,6 @@ def variants(device: str) -> list[Variant]:
         Variant("larssgd", "LARSSGD (fused=None)", "eager", lambda p: _larssgd(p).step,
                 lambda: None if hasattr(torchlars, "LARSSGD") else "this torchlars has no LARSSGD"),
         Variant("lars_python", "LARS(SGD foreach)", "eager", lambda p: _lars(p, foreach=True).step),
-        Variant("lars_cpp_ops", "LARS(SGD foreach, backend='cpp')", "eager",
-                lambda p: _lars(p, backend="cpp", foreach=True).step, _no_cpp_ops(device)),
         Variant("cpp_lars", "lars::LARS(SGD) via torchlars.cpp", "eager", _build_cpp_lars, _no_extension),
         Variant("loop_0_1_2", "per-parameter loop (torchlars 0.1.2)", "eager",
                 lambda p: PerParameterLARS(_sgd(p, foreach=False), EPS, TRUST_COEF).step),

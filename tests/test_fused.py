@@ -16,7 +16,7 @@ import torch
 from lars_reference import SGD_OPTIONS
 
 import _fused_resume_worker
-import torchlars._kernels
+import torchlars.ops
 from torchlars import LARS, LARSSGD
 from torchlars_extension import import_extension
 
@@ -111,8 +111,8 @@ def test_mixed_dtypes_and_parameters_without_grads():
 
 def test_fused_none_picks_the_fused_operator_on_the_cpu(monkeypatch):
     calls = []
-    fused_lars_sgd = torchlars._kernels.fused_lars_sgd
-    monkeypatch.setattr(torchlars._kernels, "fused_lars_sgd", lambda *a, **k: calls.append(1) or fused_lars_sgd(*a, **k))
+    fused_lars_sgd = torchlars.ops.lars_sgd_
+    monkeypatch.setattr(torchlars.ops, "lars_sgd_", lambda *a, **k: calls.append(1) or fused_lars_sgd(*a, **k))
     params = make_params()
     optimizer = LARSSGD(params, lr=0.1, momentum=0.9)
     assert optimizer._step_supports_amp_scaling
@@ -401,9 +401,9 @@ def test_fused_true_refuses_what_the_operator_cannot_step():
     params = make_params()
     set_grads([params], 0)
     meta = torch.nn.Parameter(torch.randn(3, device="meta"))
-    _assert_refused(lambda: LARSSGD([*params, meta], lr=0.1, fused=True), params, r"`fused=True` steps CPU tensors.*parameter 5 of param group 0")
+    _assert_refused(lambda: LARSSGD([*params, meta], lr=0.1, fused=True), params, r"`fused=True`, but parameter 5 of param group 0: the fused kernels step CPU and CUDA tensors")
     integer = torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)
-    _assert_refused(lambda: LARSSGD([*params, integer], lr=0.1, fused=True), params, r"`fused=True` steps floating-point.*torch.int32")
+    _assert_refused(lambda: LARSSGD([*params, integer], lr=0.1, fused=True), params, r"`fused=True`, but .*: liblars's fused operator steps parameters of .*not torch.int32")
     complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
     _assert_refused(lambda: LARSSGD([*params, complex_param], lr=0.1, fused=True), params, "complex64")
 

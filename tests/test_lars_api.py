@@ -115,25 +115,9 @@ def test_differentiable_base_steps_differentiably_like_lars_by_hand(maximize):
     assert torch.autograd.gradcheck(lars_step, (param, grad))
 
 
-def test_differentiable_with_the_cpp_backend_is_refused_by_name():
-    import_extension("torchlars.ops")
-    model = make_model()
-    params = list(model.parameters())
-    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "differentiable": True}], lr=0.1)
-    with pytest.raises(ValueError, match=r"param group 1 has differentiable=True"):
-        LARS(base, backend="cpp")
-
-
 def test_base_that_needs_a_closure_is_refused_by_name():
     with pytest.raises(TypeError, match=r"LARS cannot wrap LBFGS: its step needs a closure"):
         LARS(torch.optim.LBFGS(make_model().parameters()))
-
-
-def test_tensor_weight_decay_with_the_cpp_backend_is_refused_by_name():
-    import_extension("torchlars.ops")
-    model = make_model()
-    with pytest.raises(ValueError, match=r"param group 0 has a tensor weight_decay"):
-        LARS(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=torch.tensor(1e-2)), backend="cpp")
 
 
 def test_fsdp1_flat_parameters_are_refused_pointing_to_fsdp2():

@@ -1,24 +1,28 @@
-"""torch.ops.torchlars.lars_scale_gradients_ (liblars's custom operator) and LARS(backend="cpp").
+"""liblars's custom operators, torch.ops.torchlars.lars_scale_gradients_ and lars_sgd_.
 
-The "cpp" backend must give the "foreach" backend's numbers bit for bit (same ATen ops in
-the same order), trace under torch.compile through its fake implementation, run on meta
-tensors, and on a GPU stay on the current stream without synchronising.
+``lars_scale_gradients_`` must give the foreach path's numbers bit for bit (same ATen ops in
+the same order) and pass opcheck; on a GPU the steps stay on the current stream without
+synchronising.
 """
 
-import copy
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import torchlars
 from torchlars import LARS
-from torchlars._functional import lars_scale_gradients_
+from torchlars._dispatch import lars_scale_gradients_
+from torchlars._functional import LARSSettings
 from torchlars_extension import import_extension
 
 ops = import_extension("torchlars.ops")
 
 SETTINGS = dict(weight_decay=1e-3, eps=1e-8, trust_coef=0.02)
+
+
+def foreach_scale_gradients_(params, grads, *, lr, clip, weight_decay, eps, trust_coef):
+    settings = LARSSettings(eps=eps, trust_coef=trust_coef, clip=clip)
+    return lars_scale_gradients_(params, grads, settings, weight_decay=weight_decay, lr=lr)
 
 
 def tensors(dtypes, device="cpu"):
@@ -43,7 +47,7 @@ DTYPES = {
 def test_operator_gives_the_python_numbers(dtypes, clip, lr):
     params, grads = tensors(DTYPES[dtypes])
     python_grads = [grad.clone() for grad in grads]
-    lars_scale_gradients_(params, python_grads, lr=lr, clip=clip, backend="foreach", **SETTINGS)
+    foreach_scale_gradients_(params, python_grads, lr=lr, clip=clip, **SETTINGS)
     ops.lars_scale_gradients_(params, grads, lr=lr, clip=clip, **SETTINGS)
     for grad, python_grad in zip(grads, python_grads):
         torch.testing.assert_close(grad, python_grad, rtol=0, atol=0)
@@ -80,87 +84,11 @@ def set_grads(model, step):
         param.grad = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
 
 
-def lars_over(model, base_cls, backend, lr=0.01, clip=True, **options):
+def lars_over(model, base_cls, lr=0.01, clip=True, **options):
     weights = [p for p in model.parameters() if p.ndim > 1]
     biases = [p for p in model.parameters() if p.ndim == 1]
     base = base_cls([{"params": weights, "weight_decay": 1e-3}, {"params": biases, "lars_exclude": True}], lr=lr, **options)
-    return LARS(base, trust_coef=0.02, clip=clip, backend=backend)
-
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(momentum=0.9)),
-    "adam": (torch.optim.Adam, {}),
-    "adamw": (torch.optim.AdamW, {}),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("clip", [False, True], ids=["lars", "larc"])
-@pytest.mark.parametrize("name", sorted(BASES))
-def test_cpp_backend_gives_the_foreach_numbers(name, clip, dtype):
-    base_cls, options = BASES[name]
-    model = make_model(dtype)
-    twin = copy.deepcopy(model)
-    cpp_lars = lars_over(model, base_cls, "cpp", clip=clip, **options)
-    foreach_lars = lars_over(twin, base_cls, "foreach", clip=clip, **options)
-    for step in range(3):
-        set_grads(model, step)
-        set_grads(twin, step)
-        cpp_lars.step()
-        foreach_lars.step()
-    for param, twin_param in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(param, twin_param, rtol=0, atol=0)
-
-
-def test_backend_is_validated():
-    base = torch.optim.SGD([torch.nn.Parameter(torch.randn(2))], lr=0.1)
-    with pytest.raises(ValueError, match="`backend` must be 'foreach' or 'cpp', got 'cuda'"):
-        LARS(base, backend="cuda")
-
-
-def test_cpp_backend_runs_on_meta_tensors():
-    model = make_model().to("meta")
-    optimizer = lars_over(model, torch.optim.SGD, "cpp", momentum=0.9)
-    for param in model.parameters():
-        param.grad = torch.empty_like(param)
-    optimizer.step()
-    assert all(param.device.type == "meta" for param in model.parameters())
-
-
-@pytest.mark.parametrize("name", sorted(BASES))
-def test_cpp_backend_compiles_to_one_graph_without_recompiling(name):
-    torch._dynamo.reset()
-    counters.clear()
-    base_cls, options = BASES[name]
-    model = make_model()
-    twin = copy.deepcopy(model)
-    optimizer = lars_over(model, base_cls, "cpp", lr=torch.tensor(0.01), **options)
-    foreach = lars_over(twin, base_cls, "foreach", lr=torch.tensor(0.01), **options)
-
-    def train(lars, model):
-        # aot_eager: traced (through the fake implementation for "cpp"), run with eager
-        # kernels, so both backends compiled the same way give the same numbers.
-        @torch.compile(fullgraph=True, backend="aot_eager")  # raises on any graph break
-        def step():
-            lars.step()
-
-        for index in range(4):
-            set_grads(model, index)
-            step()
-            for group in lars.param_groups:
-                group["lr"].mul_(0.5)  # what a scheduler does to a tensor lr
-            if index == 1:
-                graphs_after_two_steps = counters["stats"]["unique_graphs"]
-        # The first call compiles; the second recompiles once the base has created its state.
-        assert graphs_after_two_steps <= 2
-        assert counters["stats"]["unique_graphs"] == graphs_after_two_steps
-        counters.clear()
-
-    train(optimizer, model)
-    train(foreach, twin)
-    for param, twin_param in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(param, twin_param, rtol=0, atol=0)
-    torch._dynamo.reset()
+    return LARS(base, trust_coef=0.02, clip=clip)
 
 
 # --- GPU: streams, no synchronisation, CUDA graphs ---------------------------------------
@@ -169,7 +97,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("face", ["foreach", "backend_cpp", "torchlars_cpp", "lars_sgd"])
+@pytest.mark.parametrize("face", ["foreach", "torchlars_cpp", "lars_sgd"])
 def test_gpu_step_runs_on_the_current_stream_without_sync(face):
     # The step runs on a side stream that is held back (torch.cuda._sleep) before it writes the
     # step's gradients. A kernel of the step put on any other stream would run at once, on the
@@ -183,7 +111,7 @@ def test_gpu_step_runs_on_the_current_stream_without_sync(face):
             return model, cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
         if face == "lars_sgd":
             return model, torchlars.LARSSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
-        return model, lars_over(model, torch.optim.SGD, face, lr=0.1, momentum=0.9)
+        return model, lars_over(model, torch.optim.SGD, lr=0.1, momentum=0.9)
 
     def gradients(model, step):
         generator = torch.Generator().manual_seed(step)
@@ -217,17 +145,12 @@ def test_gpu_step_runs_on_the_current_stream_without_sync(face):
 
 
 @cuda
-@pytest.mark.parametrize("face", ["backend_cpp", "torchlars_cpp"])
-def test_gpu_cuda_graph_replay_matches_eager(face):
+def test_gpu_cuda_graph_replay_matches_eager():
     cpp = import_extension("torchlars.cpp")
 
     def build():
         model = make_model(device="cuda")
-        if face == "backend_cpp":
-            # A float lr: torch.optim.SGD reads a tensor lr with .item() outside torch.compile.
-            optimizer = lars_over(model, torch.optim.SGD, "cpp", lr=0.1, momentum=0.9)
-        else:
-            optimizer = cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
+        optimizer = cpp.LARS(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip=True)
         return model, optimizer
 
     def load_grads(model, index):
@@ -277,9 +200,9 @@ def test_large_tensors_cut_into_cpu_blocks_give_the_unblocked_numbers(dtype):
     ratios = SETTINGS["trust_coef"] * param_norms / (grad_norms + SETTINGS["weight_decay"] * param_norms + SETTINGS["eps"])
     # The ratio stays fp32: multiplied in fp32, rounded once.
     expected = [g.clone().add_(p, alpha=SETTINGS["weight_decay"]).mul_(r) for p, g, r in zip(params, grads, ratios)]
-    for backend in ("foreach", "cpp"):
+    for scale_gradients_ in (foreach_scale_gradients_, ops.lars_scale_gradients_):
         scaled = [grad.clone() for grad in grads]
-        lars_scale_gradients_(params, scaled, lr=0.1, clip=False, backend=backend, **SETTINGS)
+        scale_gradients_(params, scaled, lr=0.1, clip=False, **SETTINGS)
         for grad, want in zip(scaled, expected):
             torch.testing.assert_close(grad, want, rtol=0, atol=0)
 

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 
-import torchlars._functional
-import torchlars._kernels
+import torchlars._dispatch
 from torchlars import LARS, LARSSGD
+from torchlars._functional import LARSSettings
 from kernel_count import count_kernels
 from lars_reference import SGD_OPTIONS, ReferenceLARS, reference_scaled_grad
 
@@ -160,8 +160,8 @@ def test_the_decayed_trust_ratio_takes_the_norm_of_the_decayed_gradient(triton_m
         expected.append((decayed * ratio).float())
     with torch.no_grad():
         signed = [sign * grad for grad in grads]
-        ratios = triton_module.scale_gradients_(params, signed, weight_decay=weight_decay, lr=0.1, eps=eps,
-                                                trust_coef=trust_coef, clip=False, variant="decayed")
+        ratios = triton_module.scale_gradients_(params, signed, LARSSettings(eps, trust_coef, False, "decayed"),
+                                                weight_decay=weight_decay, lr=0.1)
     assert ratios.dtype == torch.float32 and ratios.shape == (len(params),)
     assert ratios[3] == 1.0, "the zero-norm rule"
     assert_close_to_scale(signed, expected, 1e-6)
@@ -171,13 +171,13 @@ def test_the_decayed_trust_ratio_takes_the_norm_of_the_decayed_gradient(triton_m
 def test_the_decayed_update_matches_the_per_parameter_one(triton_module):
     params, reference_params = make_params(), make_params()
     grads = [torch.randn(p.shape) for p in params]
-    settings = dict(grad_scale=None, found_inf=None, lr=0.1, weight_decay=0.1, momentum=0.0, dampening=0.0,
-                    nesterov=False, maximize=False, eps=1e-8, trust_coef=0.02, clip=False)
+    settings = LARSSettings(eps=1e-8, trust_coef=0.02, clip=False, kind="decayed")
+    options = dict(first_step=False, grad_scale=None, found_inf=None, lr=0.1, weight_decay=0.1, momentum=0.0,
+                   dampening=0.0, nesterov=False, maximize=False)
     with torch.no_grad():
-        [(_, ratios)] = triton_module.lars_sgd_(params, grads, [None] * len(params), variant="decayed", **settings)
+        [(_, ratios)] = triton_module.lars_sgd_(params, grads, [], settings, **options)
         scaled = [g.clone() for g in grads]
-        expected_ratios = triton_module.scale_gradients_(reference_params, scaled, weight_decay=0.1, lr=0.1, eps=1e-8,
-                                                         trust_coef=0.02, clip=False, variant="decayed")
+        expected_ratios = triton_module.scale_gradients_(reference_params, scaled, settings, weight_decay=0.1, lr=0.1)
         for param, grad in zip(reference_params, scaled):
             param.sub_(0.1 * grad)
     torch.testing.assert_close(ratios, expected_ratios, rtol=0, atol=0)
@@ -218,7 +218,7 @@ def test_half_gradients_are_scaled_in_fp32(triton_module, dtype):
         for p, g in zip(params, grads)
     ]
     with torch.no_grad():
-        triton_module.scale_gradients_(params, grads, weight_decay=1e-2, lr=0.1, eps=1e-8, trust_coef=0.02, clip=False)
+        triton_module.scale_gradients_(params, grads, LARSSettings(1e-8, 0.02), weight_decay=1e-2, lr=0.1)
     for grad, want in zip(grads, expected):
         torch.testing.assert_close(grad.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=0)
 
@@ -262,16 +262,17 @@ def test_grad_scaler_hands_its_scale_to_the_kernels(launches, wrapper):
 def test_an_overflowing_step_changes_nothing_in_the_kernel(triton_module, first):
     params = make_params()
     buffers = [None] * len(params)
-    settings = dict(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False, maximize=False, eps=1e-8,
-                    trust_coef=0.02, clip=False, grad_scale=torch.tensor(8.0))
+    settings = LARSSettings(eps=1e-8, trust_coef=0.02)
+    options = dict(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+                   grad_scale=torch.tensor(8.0))
     grads = [torch.randn(p.shape) for p in params]
     with torch.no_grad():
         if not first:
-            triton_module.lars_sgd_(params, grads, buffers, found_inf=torch.zeros(()), **settings)
+            torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.zeros(()), **options)
         weights = [p.detach().clone() for p in params]
         before = [None if b is None else b.clone() for b in buffers]
         grads[1][0] = float("inf")
-        triton_module.lars_sgd_(params, grads, buffers, found_inf=torch.ones(()), **settings)
+        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.ones(()), **options)
     for param, weight in zip(params, weights):
         assert torch.equal(param, weight)
     for buffer, old in zip(buffers, before):
@@ -285,16 +286,17 @@ def test_the_foreach_path_restores_an_overflowing_step(first):
     # found_inf makes LARSSGD call it there.
     params = make_params()
     buffers = [None] * len(params)
-    settings = dict(foreach=True, grad_scale=torch.tensor(8.0), lr=0.1, weight_decay=1e-2, momentum=0.9,
-                    dampening=0.0, nesterov=False, maximize=False, eps=1e-8, trust_coef=0.02, clip=False)
+    settings = LARSSettings(eps=1e-8, trust_coef=0.02, clip=False)
+    options = dict(foreach=True, grad_scale=torch.tensor(8.0), lr=0.1, weight_decay=1e-2, momentum=0.9,
+                   dampening=0.0, nesterov=False, maximize=False)
     with torch.no_grad():
         if not first:
-            torchlars._functional.lars_sgd(params, [torch.randn(p.shape) for p in params], buffers,
-                                           found_inf=torch.zeros(()), **settings)
+            torchlars._dispatch.lars_sgd(params, [torch.randn(p.shape) for p in params], buffers, settings,
+                                         found_inf=torch.zeros(()), **options)
         weights = [p.detach().clone() for p in params]
         before = [None if b is None else b.clone() for b in buffers]
         grads = [torch.randn(p.shape) for p in params]
-        torchlars._functional.lars_sgd(params, grads, buffers, found_inf=torch.ones(()), **settings)
+        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.ones(()), **options)
     for param, weight in zip(params, weights):
         assert torch.equal(param, weight)
     for buffer, old in zip(buffers, before):
@@ -439,12 +441,14 @@ def test_import_torchlars_does_not_import_the_kernels():
 
 
 def test_cuda_without_triton_warns_once_naming_the_install(monkeypatch):
-    monkeypatch.setattr(torchlars._kernels, "_TRITON_INSTALLED", False)
-    monkeypatch.setattr(torchlars._kernels, "_warned_no_triton", False)
+    monkeypatch.setattr(torchlars._dispatch, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(torchlars._dispatch, "_triton", None)
+    monkeypatch.setattr(torchlars._dispatch, "_warned_no_triton", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert not torchlars._kernels.triton_steps(torch.device("cuda"), [])
-        assert not torchlars._kernels.triton_steps(torch.device("cuda"), [])
+        for _ in range(2):
+            chosen = torchlars._dispatch.implementation(torch.device("cuda"), torch.float32, [], foreach=None, fused=None)
+            assert chosen == "foreach"
     assert len(caught) == 1 and "pip install triton" in str(caught[0].message)
 
 

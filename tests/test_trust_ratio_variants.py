@@ -212,7 +212,6 @@ def test_trust_ratios_on_meta_parameters_need_no_sync():
     [
         (lambda p: LARS(torch.optim.SGD(p, lr=0.1), trust_ratio="lamb"), "trust_ratio"),
         (lambda p: LARSSGD(p, lr=0.1, trust_ratio="update"), "trust_ratio"),
-        (lambda p: LARS(torch.optim.AdamW(p, lr=0.1), trust_ratio="update", backend="cpp"), "backend"),
     ],
 )
 def test_meaningless_combinations_are_refused_by_name(build, message):
@@ -267,3 +266,40 @@ def test_update_ratio_compiles_without_graph_break():
 
 def test_torchlars_exports_named_trust_ratios():
     assert torchlars.named_trust_ratios is named_trust_ratios
+
+
+class _AcceleratedOptimizer(torch.optim.Optimizer):
+    """A stand-in for accelerate's AcceleratedOptimizer, what a transformers Trainer hands its
+    callbacks: an Optimizer that keeps the real one in ``.optimizer`` and has no trust_ratios()."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_named_trust_ratios_follows_wrappers_to_the_optimizer(depth):
+    model = _model()
+    optimizer = LARSSGD(exclude_bias_and_norm(model, 1e-2), lr=0.1, momentum=0.9)
+    wrapped = optimizer
+    for _ in range(depth):
+        wrapped = _AcceleratedOptimizer(wrapped)
+    _backward(model, 0)
+    wrapped.step()
+    ratios = named_trust_ratios(wrapped, model)
+    assert set(ratios) == {"0.weight", "2.weight"}
+    direct = optimizer.trust_ratios()
+    assert all(torch.equal(ratios[name], direct[param]) for name, param in model.named_parameters() if name in ratios)
+
+
+def test_named_trust_ratios_of_a_wrapper_around_no_torchlars_optimizer_names_it():
+    model = _model()
+    wrapped = _AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"_AcceleratedOptimizer has no trust_ratios\(\) and wraps no optimizer"):
+        named_trust_ratios(wrapped, model)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from torchlars._foreach import decay_, norms
-from torchlars._functional import scale_by_trust_ratio_, scale_update_
+from torchlars._functional import LARSSettings, scale_by_trust_ratio_, scale_update_
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -113,15 +113,12 @@ def split_dtensors(
 def lars_scale_dtensor_gradients_(
     params: list[list[Tensor]],
     grads: list[list[Tensor]],
+    settings: LARSSettings,
     *,
     weight_decays: list[float | Tensor],
     lrs: list[float | Tensor],
-    eps: float,
-    trust_coef: float,
-    clip: bool,
-    variant: str = "paper",
 ) -> list[tuple[list[Tensor], Tensor]]:
-    """:func:`torchlars._functional.lars_scale_gradients_` for DTensors, all param groups at once.
+    """:func:`torchlars._dispatch.lars_scale_gradients_` for DTensors, all param groups at once.
 
     ``params[k]``, ``grads[k]``, ``weight_decays[k]`` and ``lrs[k]`` belong to param group
     ``k``. Every rank of a mesh passes the same parameters in the same order (FSDP2 does).
@@ -129,7 +126,7 @@ def lars_scale_dtensor_gradients_(
     """
     pieces = _pieces(params, [[param.to_local() for param in group] for group in params],
                      [[grad.to_local() for grad in group] for group in grads])
-    if variant == "decayed":  # the ratio is taken from the decayed gradient: decay first
+    if settings.kind == "decayed":  # the ratio is taken from the decayed gradient: decay first
         for layout in pieces.values():
             for (group_index, _, _), (_, local_params, local_grads) in layout.items():
                 decay_(local_params, local_grads, weight_decays[group_index])
@@ -144,12 +141,9 @@ def lars_scale_dtensor_gradients_(
                 local_grads,
                 param_norms,
                 grad_norms,
-                weight_decay=0.0 if variant == "decayed" else weight_decays[group_index],
+                settings,
+                weight_decay=0.0 if settings.kind == "decayed" else weight_decays[group_index],
                 lr=lrs[group_index],
-                eps=eps,
-                trust_coef=trust_coef,
-                clip=clip,
-                variant=variant,
             )
             ratios.append((dtensors, kind_ratios))
     return ratios
@@ -158,13 +152,11 @@ def lars_scale_dtensor_gradients_(
 def lars_update_dtensors_(
     params: list[list[Tensor]],
     locals_before: list[list[Tensor]],
+    settings: LARSSettings,
     *,
     lrs: list[float | Tensor],
-    eps: float,
-    trust_coef: float,
-    clip: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
-    """:func:`torchlars._functional.lars_update_` for DTensors, all param groups at once.
+    """:func:`torchlars._dispatch.lars_update_` for DTensors, all param groups at once.
 
     ``locals_before[k][i]`` is a copy of ``params[k][i].to_local()`` taken before the base's step.
     One collective per mesh for the norms of the weights and of the steps.
@@ -183,10 +175,8 @@ def lars_update_dtensors_(
                 local_steps,
                 param_norms,
                 step_norms,
+                settings,
                 lr=lrs[kind[0]],
-                eps=eps,
-                trust_coef=trust_coef,
-                clip=clip,
             )
             ratios.append((dtensors, kind_ratios))
     return ratios

@@ -1,7 +1,7 @@
 """``torchlars._C``, the C++ extension (liblars and its operators), or a clear error.
 
-``import torchlars`` never loads it; ``torchlars.cpp``, ``torchlars.ops`` and
-``LARS(..., backend="cpp")`` do, through here.
+``torchlars.cpp`` and ``torchlars.ops`` load it, through here; ``import torchlars`` loads
+``torchlars.ops`` where the extension is installed, for the fused CPU step.
 """
 
 try:

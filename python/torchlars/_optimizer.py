@@ -11,10 +11,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from torchlars._distributed import sharding_problem
-from torchlars._functional import TRUST_RATIOS
+from torchlars._functional import TRUST_RATIOS, LARSSettings
 
 __all__ = [
-    "check_lars_settings",
+    "lars_settings",
     "evaluate_closure",
     "group_index",
     "params_with_dense_grads",
@@ -25,10 +25,10 @@ __all__ = [
 ]
 
 
-def check_lars_settings(
+def lars_settings(
     owner: str, *, eps: float, trust_coef: float, clip: bool, trust_ratio: str, trust_ratios: tuple[str, ...] = TRUST_RATIOS
-) -> None:
-    """Refuse, naming the option, a LARS setting out of range (nothing is built yet)."""
+) -> LARSSettings:
+    """LARS's settings from an optimizer's options, refusing by name one out of range."""
     if trust_ratio not in trust_ratios:
         extra = ""
         if trust_ratio == "update":
@@ -45,6 +45,7 @@ def check_lars_settings(
         raise ValueError(f"{owner}: `trust_coef` must be non-negative, got {trust_coef}")
     if not isinstance(clip, bool):
         raise TypeError(f"{owner}: `clip` must be a bool, got {torch.typename(clip)}")
+    return LARSSettings(eps=float(eps), trust_coef=float(trust_coef), clip=clip, kind=trust_ratio)
 
 
 def evaluate_closure(closure: Callable[[], Any] | None) -> Any:

@@ -36,7 +36,7 @@ from torch.library import triton_op, wrap_triton
 import triton
 import triton.language as tl
 
-from torchlars._functional import trust_ratio
+from torchlars._functional import LARSSettings, lr_tensor, trust_ratio
 
 __all__ = ["DTYPES", "Tables", "lars_sgd_", "norms", "scale_gradients_", "steps", "tables_for"]
 
@@ -213,7 +213,7 @@ def _lars_sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One pass over w, g and the buffer: the update of ``torchlars._functional.lars_sgd``."""
+    """One pass over w, g and the buffer: the update of ``torchlars._dispatch.lars_sgd``."""
     tensor, offsets, numel = _chunk(numels, chunk_tensor, chunk_index, BLOCK)
     in_tensor = offsets < numel
     mask = in_tensor
@@ -360,22 +360,16 @@ def norms(
 
 
 def scale_gradients_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    *,
-    weight_decay: float | Tensor,
-    lr: float | Tensor,
-    eps: float,
-    trust_coef: float,
-    clip: bool,
-    variant: str = "paper",
+    params: list[Tensor], grads: list[Tensor], settings: LARSSettings, *, weight_decay: float | Tensor,
+    lr: float | Tensor
 ) -> Tensor:
     r""":math:`g \leftarrow (g + \lambda w) \cdot r` for one device and dtype, in 3 kernels and the ratio's
     few tensor ops; returns the fp32 ratios it used."""
     weight_decay_tensor = weight_decay if isinstance(weight_decay, Tensor) else None
     return torch.ops.torchlars_triton.scale_gradients_step_(
-        params, grads, _as_tensor(lr), weight_decay_tensor,
-        0.0 if weight_decay_tensor is not None else float(weight_decay), eps, trust_coef, clip, variant,
+        params, grads, lr_tensor(lr), weight_decay_tensor,
+        0.0 if weight_decay_tensor is not None else float(weight_decay), settings.eps, settings.trust_coef,
+        settings.clip, settings.kind,
     )
 
 
@@ -397,10 +391,8 @@ def _scale_gradients_step_(
     wd = weight_decay if weight_decay_tensor is None else weight_decay_tensor
     tables = tables_for(params, grads)
     param_norms, grad_norms = norms(params, grads, tables, weight_decay=wd, decayed=variant == "decayed")
-    ratios = trust_ratio(
-        param_norms, grad_norms, variant=variant, weight_decay=wd, lr=_host_lr(lr, params[0]), eps=eps,
-        trust_coef=trust_coef, clip=clip,
-    )
+    settings = LARSSettings(eps=eps, trust_coef=trust_coef, clip=clip, kind=variant)
+    ratios = trust_ratio(param_norms, grad_norms, settings, weight_decay=wd, lr=_host_lr(lr, params[0]))
     torch.ops.torchlars_triton.scale_gradients_(
         params, grads, tables.storage, tables.num_chunks, ratios, weight_decay_tensor, weight_decay
     )
@@ -417,10 +409,6 @@ def _ratios_like(params: list[Tensor]) -> Tensor:
     return torch.empty(len(params), dtype=torch.float32, device=params[0].device)
 
 
-def _as_tensor(lr: float | Tensor) -> Tensor:
-    return lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
-
-
 def _host_lr(lr: Tensor, like: Tensor) -> float | Tensor:
     """A CPU ``lr`` for a GPU step as a number, read on the host (no device sync), as torch's fused
     SGD reads it; an ``lr`` on the step's device as it is."""
@@ -430,8 +418,10 @@ def _host_lr(lr: Tensor, like: Tensor) -> float | Tensor:
 def lars_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
-    momentum_buffer_list: list[Tensor | None],
+    momentum_buffers: list[Tensor],
+    settings: LARSSettings,
     *,
+    first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     lr: float | Tensor,
@@ -440,42 +430,15 @@ def lars_sgd_(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-    eps: float,
-    trust_coef: float,
-    clip: bool,
-    variant: str = "paper",
 ) -> list[tuple[list[Tensor], Tensor]]:
-    """``torchlars._functional.lars_sgd`` for one device and dtype: the norms (2 kernels), the
-    ratio's tensor ops and one update kernel. A buffer that is None is created here (a first
-    step) and put into ``momentum_buffer_list``. ``grads`` are left as they are. Returns the
-    parameters and the fp32 ratios of each call: one, or two when some buffers exist and some
-    do not (a parameter that got its first gradient late)."""
-    if momentum == 0:
-        buffers: list[Tensor] = []
-        first_step = False
-    else:
-        first_step = any(buffer is None for buffer in momentum_buffer_list)
-        if first_step and not all(buffer is None for buffer in momentum_buffer_list):
-            # One call per kind of buffer, as rare as it is.
-            calls = []
-            for is_new in (False, True):
-                positions = [i for i, buffer in enumerate(momentum_buffer_list) if (buffer is None) == is_new]
-                part_buffers = [momentum_buffer_list[i] for i in positions]
-                calls += lars_sgd_(
-                    [params[i] for i in positions], [grads[i] for i in positions], part_buffers,
-                    grad_scale=grad_scale, found_inf=found_inf, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                    dampening=dampening, nesterov=nesterov, maximize=maximize, eps=eps, trust_coef=trust_coef,
-                    clip=clip, variant=variant,
-                )
-                for i, buffer in zip(positions, part_buffers):
-                    momentum_buffer_list[i] = buffer
-            return calls
-        if first_step:
-            momentum_buffer_list[:] = [torch.empty_like(param) for param in params]
-        buffers = momentum_buffer_list
+    """One LARS-momentum step of one device and dtype (the implementation "triton" of
+    :func:`torchlars._dispatch.lars_sgd`, with its arguments): the norms (2 kernels), the ratio's
+    tensor ops and one update kernel. ``grads`` are left as they are. Returns the parameters and
+    the fp32 ratios."""
     ratios = torch.ops.torchlars_triton.lars_sgd_step_(
-        params, grads, buffers, _as_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
-        float(dampening), nesterov, maximize, first_step, eps, trust_coef, clip, variant,
+        params, grads, momentum_buffers, lr_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
+        float(dampening), nesterov, maximize, first_step, settings.eps, settings.trust_coef, settings.clip,
+        settings.kind,
     )
     return [(params, ratios)]
 
@@ -509,10 +472,8 @@ def _lars_sgd_step_(
         decayed=variant == "decayed",
     )
     host_lr = _host_lr(lr, params[0])
-    ratios = trust_ratio(
-        param_norms, grad_norms, variant=variant, weight_decay=weight_decay, lr=host_lr, eps=eps,
-        trust_coef=trust_coef, clip=clip,
-    )
+    settings = LARSSettings(eps=eps, trust_coef=trust_coef, clip=clip, kind=variant)
+    ratios = trust_ratio(param_norms, grad_norms, settings, weight_decay=weight_decay, lr=host_lr)
     lr_tensor = host_lr if isinstance(host_lr, Tensor) else None
     torch.ops.torchlars_triton.lars_sgd_(
         params, grads, momentum_buffers, tables.storage, tables.num_chunks, ratios, grad_scale, found_inf, lr_tensor,

@@ -18,19 +18,19 @@ from torchlars._distributed import (
     lars_update_dtensors_,
     split_dtensors,
 )
-from torchlars._functional import lars_scale_gradients_, lars_scaled_gradients, lars_update_
-from torchlars._kernels import prepare_triton
+from torchlars._dispatch import fused_kernels_step, lars_scale_gradients_, lars_update_, skips_on_host
+from torchlars._functional import LARSSettings, lars_scaled_gradients
 from torchlars._optimizer import (
-    check_lars_settings,
     evaluate_closure,
     group_index,
+    lars_settings,
     params_with_dense_grads,
     position,
     prepare_trust_ratio_record,
     record_trust_ratios,
     trust_ratios_of,
 )
-from torchlars.lars_sgd import step_lars_of_fused_sgd, wraps_fused_sgd
+from torchlars.lars_sgd import params_and_grads, step_group
 
 __all__ = ["LARS", "exclude_bias_and_norm", "named_trust_ratios"]
 
@@ -80,11 +80,6 @@ class LARS(Optimizer):
         trust_coef: the trust coefficient :math:`\eta` (default: 1e-3).
         clip: clip the trust ratio at the learning rate, as NVIDIA apex's LARC does
             (default: False).
-        backend: what computes the scaling, with the same numbers either way: ``"foreach"``
-            (``torch._foreach_*`` ops from Python; the default, which needs no compiled
-            code and which ``torch.compile`` can fuse) or ``"cpp"`` (liblars's C++ operator
-            ``torch.ops.torchlars.lars_scale_gradients_``, which saves the Python overhead
-            of small models in eager mode; needs the installed package).
         trust_ratio: ``"paper"`` (default), ``"decayed"`` or ``"update"``, as above.
 
     ``trust_ratios()`` returns the ratios of the last step per parameter, as device tensors.
@@ -100,7 +95,6 @@ class LARS(Optimizer):
         trust_coef: float = 0.001,
         *,
         clip: bool = False,
-        backend: str = "foreach",
         trust_ratio: str = "paper",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -110,15 +104,8 @@ class LARS(Optimizer):
             )
         if isinstance(optimizer, LARS):
             raise TypeError("LARS: `optimizer` is already a LARS optimizer; wrap its base instead")
-        check_lars_settings("LARS", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
-        # Before _check_backend loads the extension: this combination is refused whether it is installed or not.
-        if trust_ratio == "update" and backend != "foreach":
-            raise ValueError(
-                "LARS: `backend` has no meaning with trust_ratio='update' (the base steps first and "
-                "LARS scales its step with torch ops); leave backend='foreach'"
-            )
-        _check_backend(backend)
-        _check_base(optimizer, backend)
+        settings = lars_settings("LARS", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio)
+        _check_base(optimizer)
         if trust_ratio != "update" and type(optimizer) in _ADAPTIVE_BASES:
             warnings.warn(
                 f"LARS: a {type(optimizer).__name__} base divides each coordinate of the gradient by its "
@@ -129,12 +116,10 @@ class LARS(Optimizer):
             )
         self.optim = optimizer
         prepare_trust_ratio_record(self)
-        prepare_triton([param for group in optimizer.param_groups for param in group["params"]])
-        self.eps = float(eps)
-        self.trust_coef = float(trust_coef)
-        self.clip = bool(clip)
-        self.backend = backend
-        self.trust_ratio = trust_ratio
+        self.eps = settings.eps
+        self.trust_coef = settings.trust_coef
+        self.clip = settings.clip
+        self.trust_ratio = settings.kind
         # What Optimizer.__init__ would set up, minus the param groups, which are the base's.
         self.__setstate__(self.__getstate__())
 
@@ -150,7 +135,12 @@ class LARS(Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # GradScaler then passes grad_scale and found_inf to step instead of unscaling itself.
-        return wraps_fused_sgd(self.optim)
+        return self._steps_fused_sgd()
+
+    @property
+    def settings(self) -> LARSSettings:
+        """LARS's settings (``eps``, ``trust_coef``, ``clip``, ``trust_ratio``) as one object."""
+        return LARSSettings(self.eps, self.trust_coef, self.clip, self.trust_ratio)
 
     @property
     def state(self) -> dict:
@@ -174,7 +164,6 @@ class LARS(Optimizer):
             "eps": self.eps,
             "trust_coef": self.trust_coef,
             "clip": self.clip,
-            "backend": self.backend,
             "trust_ratio": self.trust_ratio,
         }
 
@@ -199,14 +188,11 @@ class LARS(Optimizer):
         """
         loss = evaluate_closure(closure)
         adapted_groups = [group for group in self.param_groups if not group.get("lars_exclude", False)]
-        for group in adapted_groups:  # options can change between steps; refused before anything is modified
-            _check_group_options(group, self.param_groups, self.backend)
         if self.trust_ratio == "update":
             self._step_and_scale_update(adapted_groups)
             return loss
-        if wraps_fused_sgd(self.optim):
-            # One pass of liblars's fused LARS-momentum operator per parameter (lars_sgd.py).
-            step_lars_of_fused_sgd(self, adapted_groups)
+        if self._steps_fused_sgd():
+            self._step_fused_sgd(adapted_groups)
             return loss
         with torch.no_grad():
             record_trust_ratios(self, self._scale_gradients(adapted_groups))
@@ -232,19 +218,51 @@ class LARS(Optimizer):
         ratios = []
         with torch.no_grad():
             for group, ((params, _), _), params_before in zip(adapted_groups, gathered, before):
-                ratios += lars_update_(
-                    params, params_before, lr=group["lr"], eps=self.eps, trust_coef=self.trust_coef, clip=self.clip
-                )
+                ratios += lars_update_(params, params_before, self.settings, lr=group["lr"])
             # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
             ratios += lars_update_dtensors_(
                 [params for _, (params, _) in gathered],
                 dtensors_before,
+                self.settings,
                 lrs=[group["lr"] for group in adapted_groups],
-                eps=self.eps,
-                trust_coef=self.trust_coef,
-                clip=self.clip,
             )
         record_trust_ratios(self, ratios)
+
+    def _steps_fused_sgd(self) -> bool:
+        """Whether this step goes through the fused LARS-momentum kernels (liblars's, Triton's):
+        around ``torch.optim.SGD(..., fused=True)`` when they step every parameter LARS adapts."""
+        base = self.optim
+        if type(base) is not torch.optim.SGD or not all(group.get("fused") for group in base.param_groups):
+            return False
+        return fused_kernels_step(
+            [param for group in base.param_groups if not group.get("lars_exclude", False) for param in group["params"]]
+        )
+
+    def _step_fused_sgd(self, adapted_groups: list[dict[str, Any]]) -> None:
+        """The step around ``SGD(fused=True)``: the adapted groups step with the fused LARS-momentum
+        kernels, the excluded ones with the base's own step, alone on them, with its step hooks."""
+        base = self.optim
+        param_groups = base.param_groups
+        # Every group's gradients are checked before any parameter changes.
+        gathered = [params_and_grads(group, param_groups, "LARS") for group in adapted_groups]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if skips_on_host(found_inf):
+            return
+        ratios = []
+        with torch.no_grad():
+            for group, (params, grads) in zip(adapted_groups, gathered):
+                ratios += step_group(group, params, grads, base.state, self.settings, grad_scale=grad_scale,
+                                     found_inf=found_inf)
+        record_trust_ratios(self, ratios)
+        amp = {name: value for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)) if value is not None}
+        base.param_groups = [group for group in param_groups if all(group is not g for g in adapted_groups)]
+        base.__dict__.update(amp)  # where torch's fused SGD looks for them, as GradScaler puts them
+        try:
+            self._step_base()
+        finally:
+            base.param_groups = param_groups
+            for name in amp:
+                del base.__dict__[name]
 
     def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
         """The trust ratio of the last step of every adapted parameter that had a gradient then.
@@ -311,38 +329,24 @@ class LARS(Optimizer):
                     scaled = lars_scaled_gradients(
                         params,
                         grads,
+                        self.settings,
                         weight_decay=group.get("weight_decay", 0.0),
                         lr=group["lr"],
-                        eps=self.eps,
-                        trust_coef=self.trust_coef,
-                        clip=self.clip,
                         maximize=group.get("maximize", False),
-                        variant=self.trust_ratio,
                     )
                 for param, grad in zip(params, scaled):
                     param.grad = grad
                 continue
             ratios += lars_scale_gradients_(
-                params,
-                grads,
-                weight_decay=group.get("weight_decay", 0.0),
-                lr=group["lr"],
-                eps=self.eps,
-                trust_coef=self.trust_coef,
-                clip=self.clip,
-                variant=self.trust_ratio,
-                backend=self.backend,
+                params, grads, self.settings, weight_decay=group.get("weight_decay", 0.0), lr=group["lr"]
             )
         # DTensor (FSDP2) parameters of all groups together, for one collective per device mesh.
         ratios += lars_scale_dtensor_gradients_(
             [params for _, (params, _) in gathered],
             [grads for _, (_, grads) in gathered],
+            self.settings,
             weight_decays=[group.get("weight_decay", 0.0) for group in adapted_groups],
             lrs=[group["lr"] for group in adapted_groups],
-            eps=self.eps,
-            trust_coef=self.trust_coef,
-            clip=self.clip,
-            variant=self.trust_ratio,
         )
         return ratios
 
@@ -382,7 +386,7 @@ class LARS(Optimizer):
         settings = state_dict.pop("lars", None)
         if settings is not None:
             settings = {"trust_ratio": self.trust_ratio, **settings}
-            check_lars_settings("LARS", **settings)
+            lars_settings("LARS", **settings)
         self.optim.load_state_dict(state_dict)
         if settings is not None:
             self.eps = float(settings["eps"])
@@ -410,22 +414,7 @@ _ADAPTIVE_BASES = {
 _TAKEN_OVER = {"weight_decay": 0.0, "maximize": False}
 
 
-def _check_group_options(group: dict[str, Any], param_groups: list[dict[str, Any]], backend: str) -> None:
-    """Refuse, by name, an option of an adapted group that LARS cannot honour."""
-    if backend == "cpp" and group.get("differentiable", False):
-        raise ValueError(
-            f"LARS(backend='cpp'): param group {group_index(group, param_groups)} has differentiable=True, "
-            "which liblars's in-place operator cannot differentiate; use backend='foreach'"
-        )
-    if backend == "cpp" and isinstance(group.get("weight_decay"), torch.Tensor):
-        raise ValueError(
-            f"LARS(backend='cpp'): param group {group_index(group, param_groups)} has a tensor "
-            "weight_decay, which liblars's operator takes as a number; use backend='foreach' or a "
-            "float weight_decay"
-        )
-
-
-def _check_base(optimizer: Optimizer, backend: str) -> None:
+def _check_base(optimizer: Optimizer) -> None:
     """Refuse, at construction, a base optimizer LARS cannot wrap, by what to change."""
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
@@ -437,7 +426,6 @@ def _check_base(optimizer: Optimizer, backend: str) -> None:
     for group in optimizer.param_groups:
         if group.get("lars_exclude", False):
             continue
-        _check_group_options(group, optimizer.param_groups, backend)
         for param in group["params"]:
             problem = flat_shard_problem(param)
             if problem is not None:
@@ -487,14 +475,6 @@ def _unhooked_step(optimizer_class: type) -> Callable[..., Any] | None:
     return step
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in ("foreach", "cpp"):
-        raise ValueError(f"LARS: `backend` must be 'foreach' or 'cpp', got {backend!r}")
-    if backend == "cpp":
-        # Fails here, not at the first step, when the C++ extension is missing.
-        import torchlars.ops  # noqa: F401
-
-
 def exclude_bias_and_norm(
     model: nn.Module | Iterable[torch.nn.Parameter], weight_decay: float
 ) -> list[dict[str, Any]]:
@@ -528,6 +508,20 @@ def named_trust_ratios(optimizer: Optimizer, model: nn.Module) -> dict[str, torc
 
     Example (Lightning): ``self.log_dict({f"trust_ratio/{k}": v for k, v in
     named_trust_ratios(optimizer, self).items()})``.
+
+    ``optimizer`` may be a wrapper that keeps the torchlars optimizer in ``.optimizer``, as
+    accelerate's ``AcceleratedOptimizer`` (what a transformers ``Trainer`` hands its callbacks)
+    and Lightning's ``LightningOptimizer`` do: wrappers are followed to the optimizer.
     """
+    wrapper = optimizer
+    while not hasattr(optimizer, "trust_ratios"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            raise TypeError(
+                f"named_trust_ratios: {type(wrapper).__name__} has no trust_ratios() and wraps no optimizer "
+                "that has one (looked through `.optimizer`); pass a torchlars optimizer (LARS, LARSSGD) "
+                "or a wrapper around one"
+            )
+        optimizer = inner
     ratios = optimizer.trust_ratios()
     return {name: ratios[param] for name, param in model.named_parameters() if param in ratios}

@@ -11,18 +11,12 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
-from torchlars._functional import lars_sgd
-from torchlars._kernels import (
-    check_fused_param,
-    fused_lars_sgd_supports,
-    prepare_triton,
-    skipped_by_grad_scaler,
-    triton_lars_sgd_supports,
-)
+from torchlars._dispatch import fused_kernels_step, lars_sgd, skips_on_host, why_no_fused_kernel
+from torchlars._functional import LARSSettings
 from torchlars._optimizer import (
-    check_lars_settings,
     evaluate_closure,
     forget_trust_ratios,
+    lars_settings,
     params_with_dense_grads,
     position,
     prepare_trust_ratio_record,
@@ -30,7 +24,7 @@ from torchlars._optimizer import (
     trust_ratios_of,
 )
 
-__all__ = ["LARSSGD", "step_lars_of_fused_sgd", "wraps_fused_sgd"]
+__all__ = ["LARSSGD", "params_and_grads", "step_group"]
 
 
 class LARSSGD(Optimizer):
@@ -99,7 +93,7 @@ class LARSSGD(Optimizer):
             raise ValueError(f"LARSSGD: `weight_decay` must be non-negative, got {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("LARSSGD: `nesterov=True` needs a positive `momentum` and `dampening=0`")
-        check_lars_settings(
+        lars_settings(
             "LARSSGD", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio,
             trust_ratios=("paper", "decayed"),
         )
@@ -121,19 +115,16 @@ class LARSSGD(Optimizer):
         }
         super().__init__(params, defaults)
         prepare_trust_ratio_record(self)
-        prepare_triton([param for group in self.param_groups for param in group["params"]])
-        if fused:
-            for group_index, group in enumerate(self.param_groups):
-                for param_index, param in enumerate(group["params"]):
-                    check_fused_param(param, f"parameter {param_index} of param group {group_index}", "LARSSGD")
-        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and
-        # checking for infs itself with a host sync. The fused path takes them; fused=None
-        # takes it when every parameter is one the fused operator steps.
         all_params = [param for group in self.param_groups for param in group["params"]]
+        if fused:
+            for group in self.param_groups:
+                for param in group["params"]:
+                    _refuse_unfused(param, group, self.param_groups, "LARSSGD")
+        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and
+        # checking for infs itself with a host sync. The fused kernels take them; fused=None
+        # takes them when they step every parameter.
         self._step_supports_amp_scaling = bool(fused) or (
-            fused is None
-            and foreach is None
-            and (fused_lars_sgd_supports(all_params) or triton_lars_sgd_supports(all_params))
+            fused is None and foreach is None and fused_kernels_step(all_params)
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,81 +157,18 @@ class LARSSGD(Optimizer):
         """
         loss = evaluate_closure(closure)
         # Every group's gradients are checked before any parameter changes.
-        gathered = [_params_and_grads(group, self.param_groups, "LARSSGD") for group in self.param_groups]
+        gathered = [params_and_grads(group, self.param_groups, "LARSSGD") for group in self.param_groups]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if skipped_by_grad_scaler(found_inf):
+        if skips_on_host(found_inf):
             return loss
         ratios = []
         with torch.no_grad():
             for group, (params, grads) in zip(self.param_groups, gathered):
-                ratios += step_group(
-                    group,
-                    params,
-                    grads,
-                    self.state,
-                    eps=group["eps"],
-                    trust_coef=group["trust_coef"],
-                    clip=group["clip"],
-                    variant=group["trust_ratio"],
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                )
+                settings = LARSSettings(group["eps"], group["trust_coef"], group["clip"], group["trust_ratio"])
+                ratios += step_group(group, params, grads, self.state, settings, grad_scale=grad_scale,
+                                     found_inf=found_inf)
         record_trust_ratios(self, ratios)
         return loss
-
-
-def step_lars_of_fused_sgd(lars: Optimizer, adapted_groups: list[dict[str, Any]]) -> None:
-    """``LARS(torch.optim.SGD(..., fused=True)).step()`` without its closure: see :func:`wraps_fused_sgd`.
-
-    The adapted groups step with :func:`step_group`, the others with the base's own step,
-    which runs alone on them (with its step hooks, as ``LARS._step_base`` runs it).
-    """
-    base = lars.optim
-    param_groups = base.param_groups
-    # Every group's gradients are checked before any parameter changes (wraps_fused_sgd, which
-    # chose this path, has checked that the fused kernels step every adapted parameter).
-    gathered = [params_with_dense_grads(group, param_groups, "LARS") for group in adapted_groups]
-    grad_scale, found_inf = getattr(lars, "grad_scale", None), getattr(lars, "found_inf", None)
-    if skipped_by_grad_scaler(found_inf):
-        return
-    ratios = []
-    with torch.no_grad():
-        for group, (params, grads) in zip(adapted_groups, gathered):
-            ratios += step_group(
-                group,
-                params,
-                grads,
-                base.state,
-                eps=lars.eps,
-                trust_coef=lars.trust_coef,
-                clip=lars.clip,
-                variant=lars.trust_ratio,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            )
-    record_trust_ratios(lars, ratios)
-    amp = {name: value for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)) if value is not None}
-    base.param_groups = [group for group in param_groups if all(group is not g for g in adapted_groups)]
-    base.__dict__.update(amp)  # where torch's fused SGD looks for them, as GradScaler puts them
-    try:
-        lars._step_base()
-    finally:
-        base.param_groups = param_groups
-        for name in amp:
-            del base.__dict__[name]
-
-
-def wraps_fused_sgd(base: Optimizer) -> bool:
-    """Whether ``LARS(base)`` steps with liblars's fused LARS-momentum operator.
-
-    It does when ``base`` is a ``torch.optim.SGD(..., fused=True)`` and the operator steps
-    every parameter LARS adapts (CPU tensors of its dtypes, the C++ extension installed);
-    otherwise LARS scales the gradients and the base steps on them (e.g. CUDA tensors).
-    """
-    if type(base) is not torch.optim.SGD or not all(group.get("fused") for group in base.param_groups):
-        return False
-    adapted = [param for group in base.param_groups if not group.get("lars_exclude", False) for param in group["params"]]
-    return fused_lars_sgd_supports(adapted) or triton_lars_sgd_supports(adapted)
 
 
 def step_group(
@@ -248,11 +176,8 @@ def step_group(
     params: list[Tensor],
     grads: list[Tensor],
     state: dict,
+    settings: LARSSettings,
     *,
-    eps: float,
-    trust_coef: float,
-    clip: bool,
-    variant: str,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> list[tuple[list[Tensor], Tensor]]:
@@ -293,14 +218,11 @@ def step_group(
             params,
             grads,
             buffers,
+            settings,
             foreach=group.get("foreach"),
             fused=group.get("fused"),
             grad_scale=grad_scale,
             found_inf=found_inf,
-            eps=eps,
-            trust_coef=trust_coef,
-            clip=clip,
-            variant=variant,
             **options,
         )
     if new_buffers:  # the others are in the state already
@@ -309,15 +231,18 @@ def step_group(
     return ratios
 
 
-def _params_and_grads(group: dict[str, Any], param_groups: list[dict[str, Any]], owner: str):
-    """``params_with_dense_grads``, and with ``fused=True`` a refusal of what no fused kernel steps."""
+def params_and_grads(
+    group: dict[str, Any], param_groups: list[dict[str, Any]], owner: str
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``params_with_dense_grads``, refusing by name with ``fused=True`` what no fused kernel steps."""
     params, grads = params_with_dense_grads(group, param_groups, owner)
-    if (
-        group.get("fused")
-        and not group.get("lars_exclude", False)
-        and not (fused_lars_sgd_supports(params) or triton_lars_sgd_supports(params))
-    ):
-        # The check above runs per bucket; find the parameter to name.
+    if group.get("fused") and not group.get("lars_exclude", False) and not fused_kernels_step(params):
         for param in params:
-            check_fused_param(param, position(param, group, param_groups), owner)
+            _refuse_unfused(param, group, param_groups, owner)
     return params, grads
+
+
+def _refuse_unfused(param: Tensor, group: dict[str, Any], param_groups: list[dict[str, Any]], owner: str) -> None:
+    problem = why_no_fused_kernel(param)
+    if problem is not None:
+        raise RuntimeError(f"{owner}: `fused=True`, but {position(param, group, param_groups)}: {problem}")

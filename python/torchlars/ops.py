@@ -2,9 +2,9 @@
 
 Importing this module loads the C++ extension (``torchlars._C``, which registers the
 operators) and registers the operators' fake implementations, with which ``torch.compile``
-and meta tensors trace through them. ``LARS(..., backend="cpp")`` steps with
-``lars_scale_gradients_``; the fused path with ``lars_sgd_`` (liblars's fused LARS +
-momentum-SGD kernel, ``cpp/include/lars/fused.h``). Python reaches liblars's operators only
+and meta tensors trace through them. The fused path of ``LARSSGD`` and ``LARS(SGD(fused=True))``
+steps with :func:`lars_sgd_` (liblars's fused LARS + momentum-SGD kernel,
+``cpp/include/lars/fused.h``). Python reaches liblars's operators only
 this way; ``torchlars.cpp`` is the face of the C++ optimizer classes.
 """
 
@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from torchlars._extension import _C  # noqa: F401  (loads liblars, which defines torch.ops.torchlars)
+from torchlars._functional import LARSSettings, lr_tensor
 
-__all__ = ["lars_scale_gradients_"]
+__all__ = ["lars_scale_gradients_", "lars_sgd_"]
 
 
 def lars_scale_gradients_(
@@ -29,7 +30,7 @@ def lars_scale_gradients_(
     clip: bool,
     trust_ratio: str = "paper",
 ) -> Tensor:
-    r"""``torchlars._functional.lars_scale_gradients_``, computed by liblars in C++.
+    r"""``torchlars._dispatch.lars_scale_gradients_``, computed by liblars in C++.
 
     .. math:: g \leftarrow (g + \lambda w) \cdot r
 
@@ -38,8 +39,7 @@ def lars_scale_gradients_(
     ``params`` must all be on one device. A tensor ``lr`` is passed to the operator as it is, so
     nothing waits on the device and a changing ``lr`` causes no recompilation.
     """
-    if not isinstance(lr, Tensor):
-        lr = torch.tensor(lr, dtype=torch.float64)
+    lr = lr_tensor(lr)
     devices = {param.device for param in params}
     if len(devices) > 1:
         raise ValueError(
@@ -51,6 +51,49 @@ def lars_scale_gradients_(
         trust_ratio=trust_ratio, trust_ratios=ratios,
     )
     return ratios
+
+
+def lars_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    settings: LARSSettings,
+    *,
+    first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    """One LARS-momentum step of CPU tensors of one dtype with liblars's fused operator
+    ``torch.ops.torchlars.lars_sgd_``, eager or compiled: the implementation "fused" of
+    :func:`torchlars._dispatch.lars_sgd`, with its arguments. Returns the parameters and ratios."""
+    # NaN where a step GradScaler skips (only compiled steps get here then) leaves no ratio.
+    ratios = torch.full((len(params),), float("nan") if found_inf is not None else 0.0, dtype=torch.float32)
+    torch.ops.torchlars.lars_sgd_(
+        params,
+        grads,
+        momentum_buffers,
+        lr=lr_tensor(lr),
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        is_first_step=first_step,
+        eps=settings.eps,
+        trust_coef=settings.trust_coef,
+        clip=settings.clip,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        trust_ratio=settings.kind,
+        trust_ratios=ratios,
+    )
+    return [(params, ratios)]
 
 
 def _check_trust_ratio(op: str, trust_ratio: str, allowed: tuple[str, ...]) -> None:
