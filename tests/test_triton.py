@@ -16,7 +16,7 @@ import torch
 
 import torchlars._dispatch
 from torchlars import LARS, LARSSGD
-from torchlars._functional import LARSSettings
+from torchlars._functional import LARSSettings, MomentumSGD
 from kernel_count import count_kernels
 from lars_reference import SGD_OPTIONS, ReferenceLARS, reference_scaled_grad
 
@@ -172,10 +172,10 @@ def test_the_decayed_update_matches_the_per_parameter_one(triton_module):
     params, reference_params = make_params(), make_params()
     grads = [torch.randn(p.shape) for p in params]
     settings = LARSSettings(eps=1e-8, trust_coef=0.02, clip=False, kind="decayed")
-    options = dict(first_step=False, grad_scale=None, found_inf=None, lr=0.1, weight_decay=0.1, momentum=0.0,
-                   dampening=0.0, nesterov=False, maximize=False)
+    sgd = MomentumSGD(lr=0.1, weight_decay=0.1, momentum=0.0, dampening=0.0, nesterov=False, maximize=False)
     with torch.no_grad():
-        [(_, ratios)] = triton_module.lars_sgd_(params, grads, [], settings, **options)
+        [(_, ratios)] = triton_module.lars_sgd_(params, grads, [], settings, sgd, first_step=False, grad_scale=None,
+                                                found_inf=None)
         scaled = [g.clone() for g in grads]
         expected_ratios = triton_module.scale_gradients_(reference_params, scaled, settings, weight_decay=0.1, lr=0.1)
         for param, grad in zip(reference_params, scaled):
@@ -263,16 +263,16 @@ def test_an_overflowing_step_changes_nothing_in_the_kernel(triton_module, first)
     params = make_params()
     buffers = [None] * len(params)
     settings = LARSSettings(eps=1e-8, trust_coef=0.02)
-    options = dict(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
-                   grad_scale=torch.tensor(8.0))
+    sgd = MomentumSGD(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+    options = dict(grad_scale=torch.tensor(8.0))
     grads = [torch.randn(p.shape) for p in params]
     with torch.no_grad():
         if not first:
-            torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.zeros(()), **options)
+            torchlars._dispatch.lars_sgd(params, grads, buffers, settings, sgd, found_inf=torch.zeros(()), **options)
         weights = [p.detach().clone() for p in params]
         before = [None if b is None else b.clone() for b in buffers]
         grads[1][0] = float("inf")
-        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.ones(()), **options)
+        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, sgd, found_inf=torch.ones(()), **options)
     for param, weight in zip(params, weights):
         assert torch.equal(param, weight)
     for buffer, old in zip(buffers, before):
@@ -287,16 +287,16 @@ def test_the_foreach_path_restores_an_overflowing_step(first):
     params = make_params()
     buffers = [None] * len(params)
     settings = LARSSettings(eps=1e-8, trust_coef=0.02, clip=False)
-    options = dict(foreach=True, grad_scale=torch.tensor(8.0), lr=0.1, weight_decay=1e-2, momentum=0.9,
-                   dampening=0.0, nesterov=False, maximize=False)
+    sgd = MomentumSGD(lr=0.1, weight_decay=1e-2, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+    options = dict(foreach=True, grad_scale=torch.tensor(8.0))
     with torch.no_grad():
         if not first:
-            torchlars._dispatch.lars_sgd(params, [torch.randn(p.shape) for p in params], buffers, settings,
+            torchlars._dispatch.lars_sgd(params, [torch.randn(p.shape) for p in params], buffers, settings, sgd,
                                          found_inf=torch.zeros(()), **options)
         weights = [p.detach().clone() for p in params]
         before = [None if b is None else b.clone() for b in buffers]
         grads = [torch.randn(p.shape) for p in params]
-        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, found_inf=torch.ones(()), **options)
+        torchlars._dispatch.lars_sgd(params, grads, buffers, settings, sgd, found_inf=torch.ones(()), **options)
     for param, weight in zip(params, weights):
         assert torch.equal(param, weight)
     for buffer, old in zip(buffers, before):

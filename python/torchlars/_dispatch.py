@@ -23,6 +23,7 @@ from torch import Tensor
 from torchlars._foreach import grouped_by_device_and_dtype
 from torchlars._functional import (
     LARSSettings,
+    MomentumSGD,
     multi_tensor_lars_scale_gradients_,
     multi_tensor_lars_sgd,
     multi_tensor_lars_update_,
@@ -213,20 +214,15 @@ def lars_sgd(
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
     settings: LARSSettings,
+    sgd: MomentumSGD,
     *,
     foreach: bool | None = None,
     fused: bool | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS step of momentum SGD for the parameters of one param group (the algorithm of
-    :class:`torchlars.LARSSGD`), with ``torch.optim.sgd.sgd``'s arguments and LARS's settings.
+    :class:`torchlars.LARSSGD`), with LARS's settings and the group's SGD options.
 
     ``momentum_buffer_list[i]`` is ``params[i]``'s buffer, or None before its first step: then it
     is made here and set in the list. ``grads`` are left as they are. ``grad_scale`` and
@@ -235,20 +231,16 @@ def lars_sgd(
     """
     if not params:
         return []
-    options = dict(
-        grad_scale=grad_scale, found_inf=found_inf, lr=lr, weight_decay=weight_decay, momentum=momentum,
-        dampening=dampening, nesterov=nesterov, maximize=maximize,
-    )
     grouped = grouped_by_device_and_dtype([params, grads, momentum_buffer_list], with_indices=True)
     chosen = {  # every bucket is refused before any is stepped
         key: implementation(*key, bucket, foreach=foreach, fused=fused) for key, ((bucket, _, _), _) in grouped.items()
     }
     ratios = []
     for key, ((bucket_params, bucket_grads, bucket_buffers), indices) in grouped.items():
-        for first_step, positions in _calls_by_buffer_kind(bucket_buffers, momentum):
+        for first_step, positions in _calls_by_buffer_kind(bucket_buffers, sgd.momentum):
             call_params = [bucket_params[i] for i in positions]
             call_grads = [bucket_grads[i] for i in positions]
-            if momentum == 0:
+            if sgd.momentum == 0:
                 buffers = []
             elif first_step:
                 # A first step GradScaler skips leaves its buffers as they are made: zeros, which
@@ -261,7 +253,8 @@ def lars_sgd(
                 buffers = [bucket_buffers[i] for i in positions]
             step = {"triton": _triton and _triton.lars_sgd_, "fused": _ops and _ops.lars_sgd_,
                     "foreach": multi_tensor_lars_sgd, "single": single_tensor_lars_sgd}[chosen[key]]
-            ratios += step(call_params, call_grads, buffers, settings, first_step=first_step, **options)
+            ratios += step(call_params, call_grads, buffers, settings, sgd, first_step=first_step,
+                           grad_scale=grad_scale, found_inf=found_inf)
     return ratios
 
 

@@ -10,6 +10,7 @@ decided in :mod:`torchlars._dispatch`, nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from torchlars._foreach import decay_, decay_and_scale_, norm_dtype, norms
 __all__ = [
     "TRUST_RATIOS",
     "LARSSettings",
+    "MomentumSGD",
     "multi_tensor_lars_scale_gradients_",
     "multi_tensor_lars_sgd",
     "lars_scaled_gradients",
@@ -47,6 +49,23 @@ class LARSSettings:
     trust_coef: float = 1e-3
     clip: bool = False
     kind: str = "paper"
+
+
+@dataclass(frozen=True)
+class MomentumSGD:
+    """The options of one momentum-SGD param group, as ``torch.optim.SGD`` names them."""
+
+    lr: float | Tensor
+    weight_decay: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    maximize: bool
+
+    @classmethod
+    def of(cls, group: dict) -> MomentumSGD:
+        return cls(group["lr"], group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"],
+                   group.get("maximize", False))
 
 
 def trust_ratio(
@@ -192,14 +211,15 @@ def scale_update_(
 
 
 def single_tensor_lars_sgd(
-    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings, **options
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings,
+    sgd: MomentumSGD, **step: Any
 ) -> list[tuple[list[Tensor], Tensor]]:
     """:func:`multi_tensor_lars_sgd` one parameter at a time (``foreach=False``)."""
     return [
         call
         for i in range(len(params))
         for call in multi_tensor_lars_sgd(
-            params[i : i + 1], grads[i : i + 1], momentum_buffers[i : i + 1], settings, **options
+            params[i : i + 1], grads[i : i + 1], momentum_buffers[i : i + 1], settings, sgd, **step
         )
     ]
 
@@ -209,16 +229,11 @@ def multi_tensor_lars_sgd(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     settings: LARSSettings,
+    sgd: MomentumSGD,
     *,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of tensors of one device and dtype in ``torch._foreach_*`` ops;
     returns the parameters and their ratios. ``momentum_buffers`` are empty without momentum;
@@ -226,10 +241,11 @@ def multi_tensor_lars_sgd(
     they are. GradScaler's ``grad_scale`` divides the gradients; a non-zero ``found_inf``
     leaves everything as it was."""
     dtype = params[0].dtype
+    lr, weight_decay, momentum = sgd.lr, sgd.weight_decay, sgd.momentum
     # New tensors from here on: the caller's gradients stay as they are.
     if grad_scale is not None:
         grads = torch._foreach_div(grads, grad_scale)
-    if maximize:
+    if sgd.maximize:
         grads = torch._foreach_neg(grads)
     if settings.kind == "decayed":
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
@@ -247,8 +263,8 @@ def multi_tensor_lars_sgd(
             torch._foreach_copy_(momentum_buffers, updates)
         else:
             torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, updates, alpha=1 - dampening)
-        if nesterov:
+            torch._foreach_add_(momentum_buffers, updates, alpha=1 - sgd.dampening)
+        if sgd.nesterov:
             torch._foreach_add_(updates, momentum_buffers, alpha=momentum)
         else:
             updates = momentum_buffers

@@ -36,7 +36,7 @@ from torch.library import triton_op, wrap_triton
 import triton
 import triton.language as tl
 
-from torchlars._functional import LARSSettings, lr_tensor, trust_ratio
+from torchlars._functional import LARSSettings, MomentumSGD, lr_tensor, trust_ratio
 
 __all__ = ["DTYPES", "Tables", "lars_sgd_", "norms", "scale_gradients_", "steps", "tables_for"]
 
@@ -420,25 +420,20 @@ def lars_sgd_(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     settings: LARSSettings,
+    sgd: MomentumSGD,
     *,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of one device and dtype (the implementation "triton" of
     :func:`torchlars._dispatch.lars_sgd`, with its arguments): the norms (2 kernels), the ratio's
     tensor ops and one update kernel. ``grads`` are left as they are. Returns the parameters and
     the fp32 ratios."""
     ratios = torch.ops.torchlars_triton.lars_sgd_step_(
-        params, grads, momentum_buffers, lr_tensor(lr), grad_scale, found_inf, float(weight_decay), float(momentum),
-        float(dampening), nesterov, maximize, first_step, settings.eps, settings.trust_coef, settings.clip,
-        settings.kind,
+        params, grads, momentum_buffers, lr_tensor(sgd.lr), grad_scale, found_inf, float(sgd.weight_decay),
+        float(sgd.momentum), float(sgd.dampening), sgd.nesterov, sgd.maximize, first_step, settings.eps,
+        settings.trust_coef, settings.clip, settings.kind,
     )
     return [(params, ratios)]
 

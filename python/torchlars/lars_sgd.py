@@ -12,7 +12,7 @@ from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
 from torchlars._dispatch import fused_kernels_step, lars_sgd, skips_on_host, why_no_fused_kernel
-from torchlars._functional import LARSSettings
+from torchlars._functional import LARSSettings, MomentumSGD
 from torchlars._optimizer import (
     evaluate_closure,
     forget_trust_ratios,
@@ -191,14 +191,7 @@ def step_group(
     momentum = group["momentum"]
     buffers = [state[param].get("momentum_buffer") for param in params] if momentum != 0 else [None] * len(params)
     new_buffers = momentum != 0 and any(buffer is None for buffer in buffers)
-    options = dict(
-        lr=group["lr"],
-        weight_decay=group["weight_decay"],
-        momentum=momentum,
-        dampening=group["dampening"],
-        nesterov=group["nesterov"],
-        maximize=group.get("maximize", False),
-    )
+    options = MomentumSGD.of(group)
     ratios = []
     if group.get("lars_exclude", False):
         # torch's SGD takes grad_scale and found_inf on its fused path only.
@@ -211,7 +204,7 @@ def step_group(
             fused=True if amp else group.get("fused"),
             grad_scale=grad_scale,
             found_inf=found_inf,
-            **options,
+            **vars(options),
         )
     else:
         ratios = lars_sgd(
@@ -219,11 +212,11 @@ def step_group(
             grads,
             buffers,
             settings,
+            options,
             foreach=group.get("foreach"),
             fused=group.get("fused"),
             grad_scale=grad_scale,
             found_inf=found_inf,
-            **options,
         )
     if new_buffers:  # the others are in the state already
         for param, buffer in zip(params, buffers):

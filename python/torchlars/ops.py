@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from torchlars._extension import _C  # noqa: F401  (loads liblars, which defines torch.ops.torchlars)
-from torchlars._functional import LARSSettings, lr_tensor
+from torchlars._functional import LARSSettings, MomentumSGD, lr_tensor
 
 __all__ = ["lars_scale_gradients_", "lars_sgd_"]
 
@@ -58,16 +58,11 @@ def lars_sgd_(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     settings: LARSSettings,
+    sgd: MomentumSGD,
     *,
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of CPU tensors of one dtype with liblars's fused operator
     ``torch.ops.torchlars.lars_sgd_``, eager or compiled: the implementation "fused" of
@@ -78,12 +73,12 @@ def lars_sgd_(
         params,
         grads,
         momentum_buffers,
-        lr=lr_tensor(lr),
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
+        lr=lr_tensor(sgd.lr),
+        weight_decay=sgd.weight_decay,
+        momentum=sgd.momentum,
+        dampening=sgd.dampening,
+        nesterov=sgd.nesterov,
+        maximize=sgd.maximize,
         is_first_step=first_step,
         eps=settings.eps,
         trust_coef=settings.trust_coef,
