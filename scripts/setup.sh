@@ -3,9 +3,10 @@
 # active one, else .venv, see _python.sh), torch (kept if there; else the CPU build of
 # $TORCH_VERSION), and torchlars built against that torch with its C++ tests and examples.
 #
-# `setup.sh --demo` (what scripts/demo.sh runs) sets up only what the demo needs: no GoogleTest,
-# Google Benchmark nor pytest, and the build without the C++ tests and examples. Both modes use
-# the same build tree, so a later `setup.sh` (scripts/test.sh) builds only what the demo skipped.
+# `setup.sh --demo` (what scripts/demo.sh runs) sets up only what the demo needs: torch and the
+# demo's few packages. The demo runs torchlars from the source tree (python/), whose pure-Python
+# optimizers need no build, so a first run does not wait for the C++ build; scripts/test.sh
+# builds and installs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_python.sh
@@ -20,16 +21,16 @@ esac
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_packages=()
 if command -v apt-get >/dev/null; then
-    packages=(g++ cmake ninja-build)
-    $demo_only || packages+=(libgtest-dev libbenchmark-dev)
+    packages=()
+    $demo_only || packages+=(g++ cmake ninja-build libgtest-dev libbenchmark-dev)
     for package in "${packages[@]}"; do
         dpkg -s "$package" >/dev/null 2>&1 || apt_packages+=("$package")
     done
-    # A system Python needs its venv module and headers from Debian.
+    # A system Python needs its venv module from Debian, and its headers for the build.
     if [ "$PY" = "$PWD/.venv/bin/python" ] && [ ! -x "$PY" ] && ! "$BASE_PY" -c "import ensurepip" 2>/dev/null; then
         apt_packages+=("python3-venv")
     fi
-    if ! "$BASE_PY" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
+    if ! $demo_only && ! "$BASE_PY" -c 'import os, sysconfig, sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
         apt_packages+=("python3-dev")
     fi
     if [ ${#apt_packages[@]} -gt 0 ]; then
@@ -56,20 +57,18 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         || pip_install "torch==$TORCH_VERSION"
 fi
 echo "== torch $("$PY" -W ignore -c 'import torch; print(torch.__version__)')"
-python_packages=("scikit-build-core>=0.10" mnist1d matplotlib tqdm)
-# One build, kept in $BUILD_DIR (incremental on a rerun): the package, and the C++ tests and
-# examples that scripts/test.sh runs with ctest there. --demo asks for neither: a fresh tree
-# then builds without them (pip builds default to OFF), and a tree that has them keeps them
-# (CMake keeps the cached options), so switching modes never rebuilds anything.
-build_options=()
-if ! $demo_only; then
-    python_packages+=(pytest)
-    # tests/test_triton.py runs the Triton kernels on the CPU through Triton's interpreter. A
-    # triton already there (the one of a CUDA torch) is kept.
-    "$PY" -c "import triton" 2>/dev/null || python_packages+=("triton==3.9.0")
-    build_options=(--config-settings=cmake.define.LARS_BUILD_TESTS=ON --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON)
+if $demo_only; then
+    pip_install mnist1d matplotlib tqdm
+    exit 0
 fi
+# triton: tests/test_triton.py runs the Triton kernels on the CPU through Triton's interpreter.
+# A triton already there (the one of a CUDA torch) is kept.
+python_packages=("scikit-build-core>=0.10" mnist1d matplotlib tqdm pytest)
+"$PY" -c "import triton" 2>/dev/null || python_packages+=("triton==3.9.0")
 pip_install "${python_packages[@]}"
-echo "== building torchlars${build_options[*]:+ with its C++ tests and examples}"
+# One build, kept in $BUILD_DIR (incremental on a rerun): the package, and the C++ tests and
+# examples that scripts/test.sh runs with ctest there.
+echo "== building torchlars with its C++ tests and examples"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip_install --no-build-isolation --no-deps \
-    --config-settings=build-dir="$BUILD_DIR" "${build_options[@]}" .
+    --config-settings=build-dir="$BUILD_DIR" --config-settings=cmake.define.LARS_BUILD_TESTS=ON \
+    --config-settings=cmake.define.LARS_BUILD_EXAMPLES=ON .
