@@ -282,8 +282,9 @@ def test_an_overflowing_step_changes_nothing_in_the_kernel(triton_module, first)
 
 @pytest.mark.parametrize("first", [False, True], ids=["later_step", "first_step"])
 def test_the_foreach_path_restores_an_overflowing_step(first):
-    # What CUDA tensors without triton step on: _multi_tensor_lars_sgd, called as GradScaler's
-    # found_inf makes LARSSGD call it there.
+    # GradScaler hands found_inf only to a step whose parameters the fused kernels all take, but
+    # a group added later (add_param_group) can bring the foreach path a found_inf: it must
+    # change nothing then either.
     params = make_params()
     buffers = [None] * len(params)
     settings = LARSSettings(eps=1e-8, trust_coef=0.02, clip=False)
