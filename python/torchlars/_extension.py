@@ -8,8 +8,9 @@ try:
     from torchlars import _C
 except ImportError as error:
     raise ImportError(
-        "torchlars: the C++ extension torchlars._C is not available (running from the source "
-        "tree?); install the package with `pip install --no-build-isolation .`"
+        f"torchlars: the C++ extension torchlars._C does not load ({error}): running from the source "
+        "tree, or built against another torch? Install (or rebuild) the package against this torch "
+        "with `pip install --no-build-isolation .`"
     ) from error
 
 __all__ = ["_C"]

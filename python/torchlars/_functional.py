@@ -225,15 +225,8 @@ def single_tensor_lars_sgd(
 
 
 def multi_tensor_lars_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    settings: LARSSettings,
-    sgd: MomentumSGD,
-    *,
-    first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings,
+    sgd: MomentumSGD, *, first_step: bool, grad_scale: Tensor | None, found_inf: Tensor | None
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of tensors of one device and dtype in ``torch._foreach_*`` ops;
     returns the parameters and their ratios. ``momentum_buffers`` are empty without momentum;

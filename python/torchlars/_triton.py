@@ -416,15 +416,8 @@ def _host_lr(lr: Tensor, like: Tensor) -> float | Tensor:
 
 
 def lars_sgd_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    settings: LARSSettings,
-    sgd: MomentumSGD,
-    *,
-    first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings,
+    sgd: MomentumSGD, *, first_step: bool, grad_scale: Tensor | None, found_inf: Tensor | None
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of one device and dtype (the implementation "triton" of
     :func:`torchlars._dispatch.lars_sgd`, with its arguments): the norms (2 kernels), the ratio's

@@ -54,15 +54,8 @@ def lars_scale_gradients_(
 
 
 def lars_sgd_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    settings: LARSSettings,
-    sgd: MomentumSGD,
-    *,
-    first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings,
+    sgd: MomentumSGD, *, first_step: bool, grad_scale: Tensor | None, found_inf: Tensor | None
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of CPU tensors of one dtype with liblars's fused operator
     ``torch.ops.torchlars.lars_sgd_``, eager or compiled: the implementation "fused" of
