@@ -37,9 +37,6 @@ using at::vec::Vectorized;
 constexpr int64_t kLanes = 32;
 // Elements per chunk, the unit of parallel work and of the norms' partial sums.
 constexpr int64_t kChunkNumel = int64_t{1} << 14;
-// A batch of small tensors (or one larger tensor) is reduced, then updated, while its
-// gradients are still in cache (the L2 of a core; bench/cpp).
-constexpr int64_t kBatchNumel = int64_t{1} << 17;
 
 // kLanes consecutive elements of a scalar_t tensor, in opmath_t (fp32 for half types).
 template <typename scalar_t>
@@ -204,9 +201,9 @@ scalar_t* mutable_data_of(const at::Tensor& tensor) {
   return static_cast<scalar_t*>(tensor.mutable_data_ptr());
 }
 
-// The two passes of a fused step over tensors of sizes `numels`, batch by batch (a batch of
-// small tensors, or one larger tensor), so that the update finds in cache what the first pass
-// read:
+// The two passes of a fused step over tensors of sizes `numels`, batch by batch (small tensors
+// up to `batch_numel` elements together, or one larger tensor), so that the update finds in
+// cache (the L2 of a core) what the first pass read:
 //   square_sums(tensor, begin, end) -> (sum of w^2, sum of n^2) of elements [begin, end), where
 //       n is the vector whose norm the ratio divides by;
 //   ratio(tensor, |w|, |n|) -> what the update of the tensor takes (opmath_t): its trust
@@ -214,13 +211,18 @@ scalar_t* mutable_data_of(const at::Tensor& tensor) {
 //   update(tensor, begin, end, ratio) writes elements [begin, end).
 // The chunks of a pass run in parallel; the ratios are taken in tensor order.
 template <typename opmath_t, typename SquareSums, typename Ratio, typename Update>
-void two_passes(const std::vector<int64_t>& numels, const SquareSums& square_sums, const Ratio& ratio, const Update& update) {
+void two_passes(
+    const std::vector<int64_t>& numels,
+    int64_t batch_numel,
+    const SquareSums& square_sums,
+    const Ratio& ratio,
+    const Update& update) {
   const auto count = static_cast<int64_t>(numels.size());
   std::vector<opmath_t> ratios(numels.size());
   for (int64_t first = 0; first < count;) {
     int64_t last = first + 1;
-    for (int64_t batch_numel = numels[first]; last < count && batch_numel + numels[last] <= kBatchNumel; ++last) {
-      batch_numel += numels[last];
+    for (int64_t numel = numels[first]; last < count && numel + numels[last] <= batch_numel; ++last) {
+      numel += numels[last];
     }
     const std::vector<Chunk> chunks = chunks_of(numels, first, last);
     std::vector<opmath_t> param_partials(chunks.size());
