@@ -161,20 +161,24 @@ C10_ALWAYS_INLINE void for_each_block(int64_t begin, int64_t end, const Block& b
   }
 }
 
-// A run of consecutive elements of one tensor.
+// A run of consecutive elements of one tensor, and where it starts among the elements of its
+// batch (two_passes), for a kernel that keeps per-element scratch for a batch.
 struct Chunk {
   int64_t tensor;
   int64_t begin;
   int64_t end;
+  int64_t in_batch;
 };
 
 // The chunks of tensors [first, last), in order.
 inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& numels, int64_t first, int64_t last) {
   std::vector<Chunk> chunks;
+  int64_t in_batch = 0;
   for (int64_t i = first; i < last; ++i) {
     for (int64_t begin = 0; begin < numels[i]; begin += kChunkNumel) {
-      chunks.push_back({i, begin, std::min(begin + kChunkNumel, numels[i])});
+      chunks.push_back({i, begin, std::min(begin + kChunkNumel, numels[i]), in_batch + begin});
     }
+    in_batch += numels[i];
   }
   return chunks;
 }
@@ -204,11 +208,12 @@ scalar_t* mutable_data_of(const at::Tensor& tensor) {
 // The two passes of a fused step over tensors of sizes `numels`, batch by batch (small tensors
 // up to `batch_numel` elements together, or one larger tensor), so that the update finds in
 // cache (the L2 of a core) what the first pass read:
-//   square_sums(tensor, begin, end) -> (sum of w^2, sum of n^2) of elements [begin, end), where
-//       n is the vector whose norm the ratio divides by;
+//   square_sums(chunk) -> (sum of w^2, sum of n^2) of the chunk's elements, where n is the
+//       vector whose norm the ratio divides by;
 //   ratio(tensor, |w|, |n|) -> what the update of the tensor takes (opmath_t): its trust
 //       ratio, or the step size made from it;
-//   update(tensor, begin, end, ratio) writes elements [begin, end).
+//   update(chunk, ratio) writes the chunk's elements.
+// A batch holds at most max(batch_numel, the largest numel) elements.
 // The chunks of a pass run in parallel; the ratios are taken in tensor order.
 template <typename opmath_t, typename SquareSums, typename Ratio, typename Update>
 void two_passes(
@@ -229,7 +234,7 @@ void two_passes(
     std::vector<opmath_t> partials(chunks.size());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        std::tie(param_partials[c], partials[c]) = square_sums(chunks[c].tensor, chunks[c].begin, chunks[c].end);
+        std::tie(param_partials[c], partials[c]) = square_sums(chunks[c]);
       }
     });
     for (size_t c = 0; c < chunks.size();) {
@@ -240,7 +245,7 @@ void two_passes(
     }
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        update(chunks[c].tensor, chunks[c].begin, chunks[c].end, ratios[chunks[c].tensor]);
+        update(chunks[c], ratios[chunks[c].tensor]);
       }
     });
     first = last;

@@ -147,11 +147,11 @@ void lars_sgd_typed(
   }
   two_passes<opmath_t>(
       numels, kBatchNumel,
-      [&](int64_t i, int64_t begin, int64_t end) {
-        const scalar_t* grad = data_of<scalar_t>(slots[i].grad);
-        const scalar_t* param = data_of<scalar_t>(slots[i].param);
-        return decayed ? chunk_square_sums<true>(grad, param, begin, end, normed)
-                       : chunk_square_sums<false>(grad, param, begin, end, normed);
+      [&](const Chunk& chunk) {
+        const scalar_t* grad = data_of<scalar_t>(slots[chunk.tensor].grad);
+        const scalar_t* param = data_of<scalar_t>(slots[chunk.tensor].param);
+        return decayed ? chunk_square_sums<true>(grad, param, chunk.begin, chunk.end, normed)
+                       : chunk_square_sums<false>(grad, param, chunk.begin, chunk.end, normed);
       },
       [&](int64_t i, double param_norm, double grad_norm) {
         const double ratio = trust_ratio(
@@ -160,8 +160,8 @@ void lars_sgd_typed(
         write_ratio(trust_ratios, i, ratio);
         return static_cast<opmath_t>(ratio);
       },
-      [&](int64_t i, int64_t begin, int64_t end, opmath_t ratio) {
-        update_chunk<scalar_t>(slots[i], begin, end, ratio, options, is_first_step, scale_ptr);
+      [&](const Chunk& chunk, opmath_t ratio) {
+        update_chunk<scalar_t>(slots[chunk.tensor], chunk.begin, chunk.end, ratio, options, is_first_step, scale_ptr);
       });
 }
 
