@@ -1,7 +1,8 @@
 """How many GPU kernels a step launches, modelled on any device (issue 16).
 
 The model: every ATen operator counts as one kernel, but views and allocations (which launch
-none); a Triton operator of ``torchlars_triton`` counts one per kernel it launches; and a
+none); a Triton operator of ``torchlars_triton`` counts one per kernel it launches, and the
+opaque step operator around them is looked into; and a
 ``torch._foreach_*`` operator counts one kernel per tensor when its tensor lists do not pair up
 in dtype, shape and strides, which is when ATen's ``ForeachUtils.h`` sends it down the
 per-tensor route (a list of 0-d ratios against gradients does), otherwise one.
@@ -30,12 +31,20 @@ _ALLOCATIONS = {
     "aten::split",
     "aten::unbind",
 }
-# Kernels per call of each Triton operator (see torchlars._triton).
+# Kernels per call of each Triton operator (see torchlars._triton): the ratio operators launch the
+# per-chunk sums and the per-tensor ratio program, the others one element-wise kernel.
 TRITON_KERNELS = {
-    "torchlars_triton::norms": 2,
+    "torchlars_triton::lars_trust_ratios": 2,
     "torchlars_triton::scale_gradients_": 1,
     "torchlars_triton::lars_sgd_": 1,
+    "torchlars_triton::lamb_moments_": 2,
+    "torchlars_triton::lamb_update_": 1,
+    "torchlars_triton::update_trust_ratios": 2,
+    "torchlars_triton::scale_update_": 1,
 }
+# The opaque step operators of torchlars._triton (one per bucket), which launch nothing themselves:
+# the model runs their implementation under the mode and counts what it calls.
+_STEP_NAMESPACE = "torchlars_triton::"
 
 
 @dataclass
@@ -73,7 +82,11 @@ class _Counting(TorchDispatchMode):
         if name in TRITON_KERNELS:
             self.count.kernels += TRITON_KERNELS[name]
             self.count.ops.append(name)
-        elif not (func.is_view or name in _ALLOCATIONS):
+        elif name.startswith(_STEP_NAMESPACE):
+            self.count.ops.append(name)
+            with self:
+                return torch._library.custom_ops.OPDEFS[name]._init_fn(*args, **kwargs)
+        elif not (func.is_view or name in _ALLOCATIONS or name.startswith("profiler::")):  # profiler: host-only
             kernels = 1
             if name.startswith("aten::_foreach_"):
                 lists = _tensor_lists([*args, *kwargs.values()])
