@@ -674,6 +674,84 @@ def test_cuda_graph_replay_matches_eager():
         assert torch.equal(eager_param, graph_param)
 
 
+def _gpu_triton():
+    """torchlars._triton compiled for the GPU (not the interpreter's, which another test may have imported)."""
+    module = importlib.import_module("torchlars._triton")
+    if type(module._lars_sgd_kernel).__name__ == "InterpretedFunction":
+        pytest.skip("torchlars._triton was imported for the interpreter in this process; run the CUDA tests alone")
+    return module
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_steps_take_the_aligned_kernels_and_at_most_four_launches():
+    from torch.profiler import ProfilerActivity, profile
+
+    module = _gpu_triton()
+    params, optimizer = _cuda_optimizer()
+    for step in range(2):
+        set_grads([params], step, in_place=True)
+        optimizer.step()
+    grads = [p.grad for p in params]
+    assert module.tables_for(params, grads, [optimizer.state[p]["momentum_buffer"] for p in params])[1].aligned
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        optimizer.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) <= 4, kernels
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_scaling_reads_a_cpu_weight_decay_tensor_on_the_host():
+    module = _gpu_triton()
+    params = [p.detach().cuda() for p in make_params()]
+    grads = [torch.randn(p.shape, device="cuda") for p in params]
+    settings = dict(lr=0.1, eps=1e-8, trust_coef=0.02, clip=True)
+    expected = [reference_scaled_grad(p, g, weight_decay=1e-2, **settings) for p, g in zip(params, grads)]
+    module.scale_gradients_(params, grads, weight_decay=torch.tensor(1e-2), **{**settings, "lr": torch.tensor(0.1)})
+    assert_close_to_scale(grads, expected, 1e-5)
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_lamb_matches_the_reference_never_syncs_and_replays_in_a_graph():
+    module = _gpu_triton()
+    params, exp_avgs, exp_avg_sqs, steps = [[t.cuda() for t in ts] for ts in _lamb_state()]
+    graph_state = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
+    grads = [torch.randn(p.shape, device="cuda") for p in params]
+
+    def step(state):
+        torch._foreach_add_(state[3], 1.0)
+        return module.lamb_(state[0], grads, state[1], state[2], state[3], **LAMB_DEFAULTS)
+
+    eager = [params, exp_avgs, exp_avg_sqs, steps]
+    expected = [reference_lamb_step(p, g, m, v, 1, **LAMB_DEFAULTS) for p, g, m, v in zip(params, grads, exp_avgs,
+                                                                                           exp_avg_sqs)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(eager)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_close_to_scale(params, [e[0] for e in expected], 1e-5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(graph_state)  # warm-up: the tables
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_state)
+    for _ in range(2):
+        step(eager)
+        graph.replay()
+    torch.cuda.synchronize()
+    for eager_param, graph_param in zip(params, graph_state[0]):
+        assert torch.equal(eager_param, graph_param)
+
+
 @needs_triton
 @pytest.mark.parametrize("build", ["LARSSGD", "LARS_foreach_SGD"])
 def test_a_compiled_step_calls_the_triton_operators(triton_module, build):
