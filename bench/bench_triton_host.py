@@ -74,7 +74,7 @@ def main() -> None:
         _triton.lars_sgd_(params, step_grads, buffers, **SETTINGS)
 
     def tables(step_grads):
-        _triton.tables_for(params, step_grads, buffers)
+        _triton.tables_for(params, step_grads, buffers, job="lars_sgd")
 
     rows = {name: [] for name in ("step, in place", "step, new addresses", "tables_for, in place",
                                   "tables_for, new addresses")}

@@ -409,9 +409,9 @@ def test_unaligned_tensors_take_the_unaligned_kernels_with_the_same_numbers(trit
     settings = dict(weight_decay=1e-2, lr=0.1, eps=1e-8, trust_coef=0.02, clip=False)
     with torch.no_grad():
         ratios = triton_module.scale_gradients_(aligned, grads, **settings)
-        assert triton_module.tables_for(aligned, grads)[1].aligned
+        assert triton_module.tables_for(aligned, grads, job="scale_gradients")[1].aligned
         unaligned_ratios = triton_module.scale_gradients_(unaligned, unaligned_grads, **settings)
-        assert not triton_module.tables_for(unaligned, unaligned_grads)[1].aligned
+        assert not triton_module.tables_for(unaligned, unaligned_grads, job="scale_gradients")[1].aligned
     torch.testing.assert_close(unaligned_ratios, ratios, rtol=0, atol=0)
     for u, a in zip(unaligned_grads, grads):
         torch.testing.assert_close(u, a, rtol=0, atol=0)
@@ -693,7 +693,7 @@ def test_cuda_steps_take_the_aligned_kernels_and_at_most_four_launches():
         set_grads([params], step, in_place=True)
         optimizer.step()
     grads = [p.grad for p in params]
-    assert module.tables_for(params, grads, [optimizer.state[p]["momentum_buffer"] for p in params])[1].aligned
+    assert module.tables_for(params, grads, [optimizer.state[p]["momentum_buffer"] for p in params], job="lars_sgd")[1].aligned
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         optimizer.step()

@@ -130,7 +130,7 @@ class Addresses:
         address_uploads += 1
 
 
-# Chunk tables by (device, numels); address tables by (device, dtype, numels, the parameters'
+# Chunk tables by (device, numels); address tables by (job, device, dtype, numels, the parameters'
 # addresses, number of lists): two optimizers over different parameters never share one (a CUDA
 # graph reads the table it was captured with), and one optimizer's gradients may move freely.
 _CHUNK_TABLES: OrderedDict[tuple, ChunkTable] = OrderedDict()
@@ -140,16 +140,17 @@ chunk_tables_built = 0  # read by the tests and bench/bench_triton_host.py
 address_uploads = 0
 
 
-def tables_for(*tensor_lists: list[Tensor]) -> tuple[ChunkTable, Addresses]:
+def tables_for(*tensor_lists: list[Tensor], job: str = "") -> tuple[ChunkTable, Addresses]:
     """The tables of ``tensor_lists`` (lists of equal length, parameters first, tensor ``i`` of each
     of the same size), their addresses refreshed. Nothing is built or uploaded while the sizes and
-    the addresses are those of the last call."""
+    the addresses are those of the last call for this ``job`` (each entry point has its own address
+    table, so that two jobs on the same parameters in one step do not overwrite each other's)."""
     params = tensor_lists[0]
     device = params[0].device
     numels = tuple(tensor.numel() for tensor in params)
     pointers = tuple(tensor.data_ptr() for tensors in tensor_lists for tensor in tensors)
     chunks = _cached(_CHUNK_TABLES, (device, numels), lambda: ChunkTable(numels, device))
-    key = (device, params[0].dtype, numels, pointers[: len(params)], len(tensor_lists))
+    key = (job, device, params[0].dtype, numels, pointers[: len(params)], len(tensor_lists))
     addresses = _cached(_ADDRESSES, key, lambda: Addresses(len(tensor_lists), len(params), device))
     addresses.refresh(pointers)
     return chunks, addresses
@@ -936,7 +937,7 @@ def _scale_gradients_step_(
     device = _device_of(params)
     lr_tensor, lr = _scalar_option(lr_tensor, lr, device)
     weight_decay_tensor, weight_decay = _scalar_option(weight_decay_tensor, weight_decay, device)
-    chunks, addresses = tables_for(params, grads)
+    chunks, addresses = tables_for(params, grads, job="scale_gradients")
     table = (chunks.storage, addresses.table, chunks.num_chunks, addresses.aligned)
     ratios = torch.ops.torchlars_triton.lars_trust_ratios(
         params, grads, *table, None, lr_tensor, lr, weight_decay_tensor, weight_decay, 1.0, eps, trust_coef, variant,
@@ -1036,7 +1037,7 @@ def _lars_sgd_step_(
     device = _device_of(params)
     lr_tensor, lr = _scalar_option(lr_tensor, lr, device)
     weight_decay_tensor, weight_decay = _scalar_option(weight_decay_tensor, weight_decay, device)
-    chunks, addresses = tables_for(params, grads, *([momentum_buffers] if momentum_buffers else []))
+    chunks, addresses = tables_for(params, grads, *([momentum_buffers] if momentum_buffers else []), job="lars_sgd")
     table = (chunks.storage, addresses.table, chunks.num_chunks, addresses.aligned)
     sign = -1.0 if maximize else 1.0
     ratios = torch.ops.torchlars_triton.lars_trust_ratios(
@@ -1124,7 +1125,7 @@ def _lamb_step_(
     maximize: bool,
 ) -> Tensor:
     lr_tensor, lr = _scalar_option(lr_tensor, lr, _device_of(params))
-    chunks, addresses = tables_for(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    chunks, addresses = tables_for(params, grads, exp_avgs, exp_avg_sqs, state_steps, job="lamb")
     table = (chunks.storage, addresses.table, chunks.num_chunks, addresses.aligned)
     ratios = torch.ops.torchlars_triton.lamb_moments_(
         params, grads, exp_avgs, exp_avg_sqs, *table, grad_scale, found_inf, -1.0 if maximize else 1.0, beta1, beta2,
@@ -1173,7 +1174,7 @@ def _scale_update_step_(
     clip: bool,
 ) -> Tensor:
     lr_tensor, lr = _scalar_option(lr_tensor, lr, _device_of(params))
-    chunks, addresses = tables_for(params, params_before)
+    chunks, addresses = tables_for(params, params_before, job="scale_update")
     table = (chunks.storage, addresses.table, chunks.num_chunks, addresses.aligned)
     ratios = torch.ops.torchlars_triton.update_trust_ratios(
         params, params_before, *table, lr_tensor, lr, eps, trust_coef, clip
