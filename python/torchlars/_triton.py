@@ -86,8 +86,11 @@ class ChunkTable:
         chunk_tensor = torch.repeat_interleave(torch.arange(len(numels)), chunks)
         chunk_index = torch.arange(self.num_chunks) - first_chunk[chunk_tensor]
         host = torch.cat([sizes, first_chunk, chunk_tensor, chunk_index])
-        # Built once per list of sizes, outside any CUDA graph: a plain copy.
-        self.storage = host.to(device)
+        if device.type != "cpu":
+            # Pinned, so that the copy is asynchronous (no host sync); kept alive while it may run.
+            host = host.pin_memory()
+        self._host = host
+        self.storage = host.to(device, non_blocking=True)
         n, c = self.num_tensors, self.num_chunks
         self.numels, self.first_chunk, self.chunk_tensor, self.chunk_index = self.storage.split([n, n + 1, c, c])
         chunk_tables_built += 1
