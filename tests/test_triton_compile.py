@@ -93,7 +93,8 @@ _DESCRIBE = (
 def _run(code: str, stdin: str = "") -> str:
     """Run ``code`` in a fresh Python that imports the same torchlars as this one, with real (not
     interpreted) kernels."""
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "TORCHLARS_TRITON_ON_CPU")}
+    interpreter = ("TRITON_INTERPRET", "TORCHLARS_TRITON_ON_CPU")
+    env = {key: value for key, value in os.environ.items() if key not in interpreter}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set, so that triton 3.9 does not warn
     import torchlars
 
