@@ -3,7 +3,7 @@
 A step of ``torchlars._triton.lars_sgd_`` on ResNet-50's 161 parameter shapes, CPU tensors taking
 the Triton path (``TRITON_INTERPRET=1 TORCHLARS_TRITON_ON_CPU=1``, set here), with the kernel
 launches replaced by nothing: the interpreter would take seconds per kernel, and what this measures
-is the host's own work per step (the custom operators, the tables, the scalars), which a GPU step
+is the host's own work per step (the step's Python, the tables, the scalars), which a GPU step
 pays whatever its kernels cost. Two cases, interleaved round by round:
 
 - ``in place``: the gradients keep their storage (``zero_grad(set_to_none=False)``): nothing is
@@ -94,7 +94,7 @@ def main() -> None:
         "",
         f"`python bench/bench_triton_host.py --rounds {args.rounds} --steps {args.steps}`; torch {torch.__version__}, "
         "one thread. CPU tensors on the Triton path with the kernel launches replaced by nothing: the host's work "
-        "of `torchlars._triton.lars_sgd_` (custom operators, tables, scalars), not the kernels. Median over rounds "
+        "of `torchlars._triton.lars_sgd_` (the step's Python, tables, scalars), not the kernels. Median over rounds "
         "of each round's median step.",
         "",
         "| what | us | vs in place |",
