@@ -382,6 +382,22 @@ def test_tables_are_built_once_per_sizes_and_only_addresses_are_refreshed(triton
 
 
 @needs_triton
+def test_an_eager_step_bumps_the_version_of_what_it_wrote(triton_module):
+    # Called without its custom operator in eager code, a step still tells autograd what it modified.
+    params, grads = make_params(), [torch.randn(shape) for shape in SHAPES]
+    buffers = [torch.zeros(shape) for shape in SHAPES]
+    before = [t._version for t in (*params, *grads, *buffers)]
+    with torch.no_grad():
+        triton_module.lars_sgd_(params, grads, buffers, grad_scale=None, found_inf=None, lr=0.1, weight_decay=0.0,
+                                momentum=0.9, dampening=0.0, nesterov=False, maximize=False, eps=1e-8, trust_coef=0.02,
+                                clip=False)
+    after = [t._version for t in (*params, *grads, *buffers)]
+    n = len(params)
+    assert all(a > b for a, b in zip(after[:n] + after[2 * n:], before[:n] + before[2 * n:])), "params and buffers"
+    assert after[n:2 * n] == before[n:2 * n], "the gradients are only read"
+
+
+@needs_triton
 def test_chunk_tables_are_built_without_a_loop_per_chunk_and_right(triton_module):
     numels = (1, 2048, 2049, 5000, 3)
     table = triton_module.ChunkTable(numels, torch.device("cpu"))

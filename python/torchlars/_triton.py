@@ -912,7 +912,7 @@ def _step(operator, implementation, mutated: list[list[Tensor]], *args):
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return operator(*args)
     result = implementation(*args)
-    torch._C._increment_version([tensor for tensors in mutated for tensor in tensors])
+    torch.autograd.graph.increment_version([tensor for tensors in mutated for tensor in tensors])
     return result
 
 
