@@ -328,7 +328,8 @@ def _trust_ratio_kernel(
         ratio = tl.math.div_rn(trust_coef * param_norm, denominator + eps)
         ratio = tl.where((param_norm > 0) & (other_norm > 0), ratio, 1.0)
         if CLIP:
-            ratio = tl.minimum(tl.math.div_rn(ratio, _scalar(lr, lr_tensor, LR_IS_TENSOR)), 1.0)
+            # NaN stays NaN, as torch.clamp keeps it: a broken step shows in its ratio.
+            ratio = tl.minimum(tl.math.div_rn(ratio, _scalar(lr, lr_tensor, LR_IS_TENSOR)), 1.0, tl.PropagateNan.ALL)
         tl.store(ratios + tensor, ratio)
     else:
         tl.store(ratios + tensor, 1.0)
