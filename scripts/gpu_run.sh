@@ -4,25 +4,33 @@
 #   bash scripts/gpu_run.sh
 #
 # 1. builds torchlars against the installed torch (pip install --no-build-isolation --no-deps .);
-# 2. runs the CUDA tests: tests/test_triton.py, then the CUDA tests of the rest of the suite;
-# 3. runs bench/gpu_checks.py: LARSSGD (Triton), LARS(SGD(foreach=True)) and
-#    LARS(SGD(fused=True)) against SGD(fused=True) and compiled SGD(foreach=True), on ResNet-50's
-#    161 tensors and 996 small tensors, fp32 and bf16, with kernels per step (torch.profiler),
-#    a step under set_sync_debug_mode("error") and a CUDA-graph replay against eager; it writes
-#    bench/results/step_cuda.{md,json} after every case.
+# 2. runs the CUDA tests of tests/test_triton.py (Triton kernels on the GPU: parity, no sync, CUDA
+#    graph replay, aligned kernels and <= 4 launches by torch.profiler, LAMB, a CPU weight-decay tensor);
+# 3. runs bench/gpu_checks.py: LARSSGD (Triton), LARS(SGD(foreach=True)) and LARS(SGD(fused=True))
+#    against SGD(fused=True) and compiled SGD(foreach=True), and the Triton LAMB against
+#    AdamW(fused=True), on ResNet-50's 161 tensors and 996 small tensors, fp32 and bf16, with kernels
+#    per step (torch.profiler), a step under set_sync_debug_mode("error"), the host time of a step
+#    (gradients kept / reallocated every step), achieved bandwidth, and a CUDA-graph replay against
+#    eager; it writes bench/results/step_cuda.{md,json} after every case;
+# 4. compiles every kernel specialisation ahead of time at this machine's triton
+#    (tests/test_triton_compile.py: no spills, vector loads), then the CUDA tests of the rest of the suite.
 # Every stage runs under `timeout`, capped by what is left of the 8 minutes (BUDGET_S), so a
 # hang costs only its stage; a failed stage is reported and the next one still runs.
-# Without a CUDA device it says so and exits 0.
+# Without a CUDA device (or with --dry-run) it says what it would measure and runs the benchmark's
+# dry run on CPU tensors through Triton's interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}  # 8 minutes less a margin for the summary
 START=$SECONDS
 
-if ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "scripts/gpu_run.sh: torch sees no CUDA device; nothing to run"
-    echo "(on a CPU: TRITON_INTERPRET=1 TORCHLARS_TRITON_ON_CPU=1 $PYTHON bench/gpu_checks.py --dry-run)"
-    exit 0
+if [ "${1:-}" = "--dry-run" ] || ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "scripts/gpu_run.sh: no CUDA device (or --dry-run). On a GPU it would: build torchlars; run the CUDA"
+    echo "tests of tests/test_triton.py; run bench/gpu_checks.py (below, what it measures); compile every kernel"
+    echo "specialisation (tests/test_triton_compile.py); run the other CUDA tests. The benchmark's dry run:"
+    TRITON_INTERPRET=1 TORCHLARS_TRITON_ON_CPU=1 timeout 300 $PYTHON bench/gpu_checks.py --dry-run --no-compile \
+        --sets resnet50 --dtype fp32
+    exit $?
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
@@ -54,14 +62,17 @@ stage build 200 env CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(
     -C cmake.define.LARS_BUILD_TESTS=OFF -C cmake.define.LARS_BUILD_EXAMPLES=OFF .
 if $PYTHON -c "import pytest" 2>/dev/null; then
     # CI=true: a missing extension fails instead of skipping.
-    stage tests_triton 100 env CI=true $PYTHON -m pytest -q -p no:cacheprovider tests/test_triton.py
-    stage tests_cuda 80 env CI=true $PYTHON -m pytest -q -p no:cacheprovider tests -k cuda \
+    stage tests_triton 90 env CI=true $PYTHON -m pytest -q -p no:cacheprovider tests/test_triton.py -k cuda
+fi
+mkdir -p bench/results
+stage bench 300 $PYTHON bench/gpu_checks.py --out bench/results/step_cuda
+if $PYTHON -c "import pytest" 2>/dev/null; then
+    stage compile_kernels 60 $PYTHON -m pytest -q -p no:cacheprovider tests/test_triton_compile.py
+    stage tests_cuda 60 env CI=true $PYTHON -m pytest -q -p no:cacheprovider tests -k cuda \
         --ignore=tests/test_triton.py
 else
     SUMMARY+=("tests: skipped (pytest not installed)")
 fi
-mkdir -p bench/results
-stage bench 400 $PYTHON bench/gpu_checks.py --out bench/results/step_cuda
 
 echo "== summary"
 printf '  %s\n' "${SUMMARY[@]}"

@@ -1,7 +1,8 @@
 """How many GPU kernels a step launches, modelled on any device (issue 16).
 
 The model: every ATen operator counts as one kernel, but views and allocations (which launch
-none); a Triton operator of ``torchlars_triton`` counts one per kernel it launches; and a
+none); a step operator of ``torchlars_triton`` counts the Triton kernels it launched and the
+tables it uploaded; and a
 ``torch._foreach_*`` operator counts one kernel per tensor when its tensor lists do not pair up
 in dtype, shape and strides, which is when ATen's ``ForeachUtils.h`` sends it down the
 per-tensor route (a list of 0-d ratios against gradients does), otherwise one.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,12 +32,15 @@ _ALLOCATIONS = {
     "aten::split",
     "aten::unbind",
 }
-# Kernels per call of each Triton operator (see torchlars._triton).
-TRITON_KERNELS = {
-    "torchlars_triton::norms": 2,
-    "torchlars_triton::scale_gradients_": 1,
-    "torchlars_triton::lars_sgd_": 1,
-}
+# The step operators of torchlars._triton (one per bucket) launch their Triton kernels without
+# the dispatcher: the model runs them and counts what torchlars._triton counted, kernels launched
+# and address tables uploaded (a copy, which the profiler shows as a kernel too).
+_TRITON_STEPS = "torchlars_triton::"
+
+
+def _triton_work() -> int:
+    module = sys.modules.get("torchlars._triton")
+    return 0 if module is None else module.kernel_launches + module.address_uploads + module.chunk_tables_built
 
 
 @dataclass
@@ -70,10 +75,13 @@ class _Counting(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name in TRITON_KERNELS:
-            self.count.kernels += TRITON_KERNELS[name]
+        if name.startswith(_TRITON_STEPS):
+            before = _triton_work()
+            result = func(*args, **kwargs)
+            self.count.kernels += _triton_work() - before
             self.count.ops.append(name)
-        elif not (func.is_view or name in _ALLOCATIONS):
+            return result
+        elif not (func.is_view or name in _ALLOCATIONS or name.startswith("profiler::")):  # profiler: host-only
             kernels = 1
             if name.startswith("aten::_foreach_"):
                 lists = _tensor_lists([*args, *kwargs.values()])

@@ -199,14 +199,20 @@ def lars_scale_gradients_(
 def lars_update_(
     params: list[Tensor], params_before: list[Tensor], settings: LARSSettings, *, lr: float | Tensor
 ) -> list[tuple[list[Tensor], Tensor]]:
-    """Scale the step a base optimizer just took (``"update"``); ``params_before`` is overwritten.
-    Returns, per bucket, the parameters and the ratios used."""
+    """Scale the step a base optimizer just took (``"update"``), from copies of the weights taken
+    before it (which may be overwritten). Returns, per bucket, the parameters and the ratios used."""
     if not params:
         return []
-    return [
-        (bucket_params, multi_tensor_lars_update_(bucket_params, bucket_before, settings, lr=lr))
-        for (bucket_params, bucket_before), _ in grouped_by_device_and_dtype([params, params_before]).values()
-    ]
+    ratios = []
+    for (device, dtype), ((bucket_params, bucket_before), _) in grouped_by_device_and_dtype(
+        [params, params_before]
+    ).items():
+        if implementation(device, dtype, [*bucket_params, *bucket_before], foreach=None, fused=None) == "triton":
+            bucket_ratios = _triton.scale_update_(bucket_params, bucket_before, settings, lr=lr)
+        else:
+            bucket_ratios = multi_tensor_lars_update_(bucket_params, bucket_before, settings, lr=lr)
+        ratios.append((bucket_params, bucket_ratios))
+    return ratios
 
 
 def lars_sgd(
