@@ -121,7 +121,8 @@ class LAMB(Optimizer):
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("LAMB: a tensor `lr` must have one element")
-        if not lr >= 0.0:
+        # (The value of an lr on a device is not read: that would wait for it, or fail on meta.)
+        if (not isinstance(lr, Tensor) or lr.device.type == "cpu") and not lr >= 0.0:
             raise ValueError(f"LAMB: `lr` must be non-negative, got {lr}")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"LAMB: `betas` must be two numbers in [0, 1), got {betas}")
@@ -147,9 +148,6 @@ class LAMB(Optimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
-            # LAMB's decay is AdamW's: torch.optim.AdamW loading this state dict takes a group
-            # without this key for Adam's L2 decay.
-            "decoupled_weight_decay": True,
         }
         super().__init__(params, defaults)
         prepare_trust_ratio_record(self)
@@ -184,6 +182,16 @@ class LAMB(Optimizer):
                         f"on {param.device}. Use fused=None or foreach=True."
                     )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``LAMB`` or ``torch.optim.AdamW``. The settings an AdamW state dict
+        lacks (``trust_coef``, ``"lars_exclude"``, ...) stay those of this optimizer's groups."""
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [
+            {**{name: value for name, value in group.items() if name != "params"}, **saved}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])
+        ] + state_dict["param_groups"][len(self.param_groups):]  # a length mismatch is refused by torch
+        super().load_state_dict(state_dict)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # A torch.optim.AdamW state dict has none of LAMB's own settings: take the defaults.
@@ -205,9 +213,10 @@ class LAMB(Optimizer):
         """
         return trust_ratios_of(self)
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+    def _gather_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """The parameters of ``group`` that have a gradient, their gradients, moments and steps
-        (made on a first step, as torch.optim.AdamW makes them)."""
+        (made on a first step, as torch.optim.AdamW makes them). (Not named ``_init_group``:
+        dynamo runs a method of that name as torch's own optimizers define it.)"""
         params = [param for param in group["params"] if param.grad is not None]
         exp_avgs, exp_avg_sqs, state_steps = [], [], []
         for param in params:
@@ -256,7 +265,7 @@ class LAMB(Optimizer):
             return loss
         ratios = []
         with torch.no_grad():
-            gathered = [self._init_group(group) for group in self.param_groups]
+            gathered = [self._gather_group(group) for group in self.param_groups]
             max_grad_norm = self.defaults["max_grad_norm"]
             if max_grad_norm is not None:
                 grad_scale = clipped_grad_scale(
