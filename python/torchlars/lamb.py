@@ -151,17 +151,6 @@ class LAMB(Optimizer):
         }
         super().__init__(params, defaults)
         prepare_trust_ratio_record(self)
-        all_params = [param for group in self.param_groups for param in group["params"]]
-        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and checking
-        # for infs itself with a host sync; the fused kernels take them.
-        self._step_supports_amp_scaling = bool(fused) or (
-            fused is None
-            and foreach is None
-            and all(
-                _fused_lamb_op(device, dtype, bucket) is not None
-                for (device, dtype), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
-            )
-        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("max_grad_norm", self.defaults["max_grad_norm"]) != self.defaults["max_grad_norm"]:
@@ -175,12 +164,25 @@ class LAMB(Optimizer):
         if group["fused"]:
             for param in group["params"]:
                 if _fused_lamb_op(param.device, param.dtype, [param]) is None:
+                    where = position(param, group, self.param_groups)
+                    self.param_groups.pop()
                     raise RuntimeError(
                         f"LAMB: `fused=True` steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and "
-                        f"CUDA tensors with torchlars._triton.lamb_, where installed; neither steps "
-                        f"{position(param, group, self.param_groups)}, a {type(param).__name__} of {param.dtype} "
-                        f"on {param.device}. Use fused=None or foreach=True."
+                        f"CUDA tensors with torchlars._triton.lamb_, where installed; neither steps {where}, a "
+                        f"{type(param).__name__} of {param.dtype} on {param.device}. Use fused=None or foreach=True."
                     )
+        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and checking
+        # for infs itself with a host sync, where the fused kernels step everything. (Every path
+        # takes them; the others would only be slower than GradScaler's own unscaling.)
+        all_params = [param for group in self.param_groups for param in group["params"]]
+        self._step_supports_amp_scaling = bool(self.defaults["fused"]) or (
+            self.defaults["fused"] is None
+            and self.defaults["foreach"] is None
+            and all(
+                _fused_lamb_op(device, dtype, bucket) is not None
+                for (device, dtype), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
+            )
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of ``LAMB`` or ``torch.optim.AdamW``. The settings an AdamW state dict
@@ -194,7 +196,7 @@ class LAMB(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # A torch.optim.AdamW state dict has none of LAMB's own settings: take the defaults.
+        # A group without some of LAMB's settings (e.g. unpickled from an older torchlars): the defaults.
         for group in self.param_groups:
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
