@@ -219,3 +219,24 @@ def test_sparse_gradients_are_refused_with_nothing_changed():
     with pytest.raises(ValueError, match="sparse gradients: parameter 1 of param group 0"):
         optimizer.step()
     assert torch.equal(dense.detach(), before)
+
+
+def test_fp64_stays_fp64_over_15_steps():
+    # lars::LARSSGD's fused operator keeps fp64 norms and ratios: it agrees with
+    # LARS(torch.optim.SGD(foreach=True)) to 1e-12 of the weights' scale.
+    from torchlars import LARS
+
+    combination = dict(momentum="nesterov", maximize=False, weight_decay=1e-2, clip=False, trust_ratio="paper")
+    options = options_of(combination)
+    cpp_params, python_params = make_params(torch.float64), make_params(torch.float64)
+    optimizer = cpp.LARSSGD(cpp_params, **options)
+    sgd_options = {k: options[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+    reference = LARS(torch.optim.SGD(python_params, foreach=True, **sgd_options), eps=options["eps"],
+                     trust_coef=options["trust_coef"])
+    for step in range(15):
+        set_grads([cpp_params, python_params], step)
+        optimizer.step()
+        reference.step()
+    for actual, expected in zip(cpp_params, python_params):
+        scale = expected.detach().abs().max()
+        assert (actual.detach() - expected.detach()).abs().max() <= 1e-12 * scale

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 import torchlars
@@ -12,6 +13,7 @@ from torchlars import LARS
 from torchlars_extension import import_extension
 
 import_extension("torchlars._C")  # the C++ pieces are installed with it
+cpp = import_extension("torchlars.cpp")
 
 CONSUMER = Path(__file__).resolve().parents[1] / "cpp" / "tests" / "find_package_consumer"
 
@@ -40,4 +42,11 @@ def test_find_package_builds_and_runs_a_separate_project(tmp_path):
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     w.grad = torch.tensor([0.0, 10.0])
     LARS(torch.optim.SGD([w], lr=1.0), trust_coef=0.1, eps=0.0).step()
-    assert [float(value) for value in printed.split()] == w.tolist()
+    lars_line, lamb_line = printed.splitlines()
+    assert [float(value) for value in lars_line.split()] == w.tolist()
+
+    # And LAMB (v = [3, 4], g = [0, 10]) through torchlars.cpp.LAMB, the same library.
+    v = torch.tensor([3.0, 4.0])
+    v.grad = torch.tensor([0.0, 10.0])
+    cpp.LAMB([v], lr=0.1, weight_decay=0.01).step()
+    assert [float(value) for value in lamb_line.split()] == pytest.approx(v.tolist(), rel=1e-5)

@@ -469,7 +469,7 @@ def test_fused_step_runs_on_meta_tensors():
 def _bad_inputs(params, grads, buffers):
     sparse = [g.clone() for g in grads]
     sparse[1] = sparse[1].to_sparse()
-    unsupported = "the fused kernel steps fp32, fp64, bf16 and fp16 tensors"
+    unsupported = "the fused kernels step fp32, fp64, bf16 and fp16 tensors"
     return {
         "fewer grads": ((params, grads[:3], buffers), "got 4 params but 3 grads"),
         "fewer buffers": ((params, grads, buffers[:2]), "got 4 params but 2 momentum_buffers"),

@@ -1,6 +1,7 @@
 // torchlars._C: liblars for Python; torchlars/cpp.py is its face. Loading this module also
 // loads liblars, which registers the torch.ops.torchlars operators.
 
+#include <lars/lamb.h>
 #include <lars/lars.h>
 #include <lars/lars_sgd.h>
 
@@ -178,8 +179,8 @@ std::shared_ptr<torch::optim::Optimizer> make_base(
 
 // A liblars optimizer behind a lock. step() and zero_grad() release the GIL, so without it two
 // Python threads could step one optimizer at once and race on its gradients, state and param
-// groups. torchlars.cpp.LARS and torchlars.cpp.LARSSGD are this, around lars::LARS and
-// lars::LARSSGD.
+// groups. torchlars.cpp.LARS, torchlars.cpp.LARSSGD and torchlars.cpp.LAMB are this, around
+// lars::LARS, lars::LARSSGD and lars::LAMB.
 template <typename Optimizer>
 class Locked {
  public:
@@ -220,6 +221,7 @@ class Locked {
   std::unique_ptr<Optimizer> optimizer_;
 };
 
+using LockedLAMB = Locked<lars::LAMB>;
 using LockedLARS = Locked<lars::LARS>;
 using LockedLARSSGD = Locked<lars::LARSSGD>;
 
@@ -265,6 +267,52 @@ std::unique_ptr<lars::LARSSGD> make_larssgd(const std::vector<ParamGroup>& group
     param_groups.emplace_back(params, std::make_unique<lars::LARSSGDOptions>(larssgd_options(options)));
   }
   return std::make_unique<lars::LARSSGD>(param_groups, larssgd_options(defaults));
+}
+
+// The options of one lars::LAMB param group, from the complete dict torchlars/cpp.py builds
+// (its keys and their types checked there).
+lars::LAMBOptions lamb_options(const py::dict& options) {
+  const auto get = [&](const char* key) { return options[key]; };
+  const py::object max_grad_norm = get("max_grad_norm");
+  return lars::LAMBOptions(get("lr").cast<double>())
+      .betas(get("betas").cast<Betas>())
+      .eps(get("eps").cast<double>())
+      .weight_decay(get("weight_decay").cast<double>())
+      .trust_coef(get("trust_coef").cast<double>())
+      .trust_eps(get("trust_eps").cast<double>())
+      .trust_clip(get("trust_clip").cast<bool>())
+      .always_adapt(get("always_adapt").cast<bool>())
+      .bias_correction(get("bias_correction").cast<bool>())
+      .max_grad_norm(max_grad_norm.is_none() ? std::nullopt : std::optional<double>(max_grad_norm.cast<double>()))
+      .maximize(get("maximize").cast<bool>())
+      .lars_exclude(get("lars_exclude").cast<bool>());
+}
+
+py::dict lamb_group_dict(const torch::optim::OptimizerParamGroup& group) {
+  const auto& options = static_cast<const lars::LAMBOptions&>(group.options());
+  py::dict dict;
+  dict["params"] = py::cast(group.params());
+  dict["lr"] = options.lr();
+  dict["betas"] = py::cast(options.betas());
+  dict["eps"] = options.eps();
+  dict["weight_decay"] = options.weight_decay();
+  dict["trust_coef"] = options.trust_coef();
+  dict["trust_eps"] = options.trust_eps();
+  dict["trust_clip"] = options.trust_clip();
+  dict["always_adapt"] = options.always_adapt();
+  dict["bias_correction"] = options.bias_correction();
+  dict["max_grad_norm"] = options.max_grad_norm() ? py::cast(*options.max_grad_norm()) : py::none();
+  dict["maximize"] = options.maximize();
+  dict["lars_exclude"] = options.lars_exclude();
+  return dict;
+}
+
+std::unique_ptr<lars::LAMB> make_lamb(const std::vector<ParamGroup>& groups, const py::dict& defaults) {
+  std::vector<torch::optim::OptimizerParamGroup> param_groups;
+  for (const auto& [params, options] : groups) {
+    param_groups.emplace_back(params, std::make_unique<lars::LAMBOptions>(lamb_options(options)));
+  }
+  return std::make_unique<lars::LAMB>(param_groups, lamb_options(defaults));
 }
 
 } // namespace
@@ -356,4 +404,30 @@ PYBIND11_MODULE(_C, m) {
             });
           })
       .def("trust_ratios", &LockedLARSSGD::trust_ratios);
+
+  py::class_<LockedLAMB>(m, "LAMB")
+      .def(
+          py::init([](const std::vector<ParamGroup>& groups, const py::dict& defaults) {
+            return std::make_unique<LockedLAMB>(make_lamb(groups, defaults));
+          }),
+          py::arg("param_groups"),
+          py::arg("defaults"))
+      .def("step", &LockedLAMB::step, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "zero_grad",
+          &LockedLAMB::zero_grad,
+          py::arg("set_to_none") = true,
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "param_groups",
+          [](LockedLAMB& self) {
+            return self.read([](const lars::LAMB& optimizer) {
+              py::list groups;
+              for (const auto& group : optimizer.param_groups()) {
+                groups.append(lamb_group_dict(group));
+              }
+              return groups;
+            });
+          })
+      .def("trust_ratios", &LockedLAMB::trust_ratios);
 }

@@ -34,43 +34,51 @@ const char* trust_ratio_name(TrustRatio variant) {
   TORCH_INTERNAL_ASSERT(false, "unknown lars::TrustRatio");
 }
 
-at::Tensor trust_ratio(
-    const at::Tensor& param_norms,
-    const at::Tensor& norms,
+namespace {
+
+// What trust_ratio does differently to tensors and to numbers: the zero-norm rule (a tensor
+// op for tensors, so that nothing waits on the device) and the clip.
+at::Tensor unless_zero_norm(const at::Tensor& ratio, const at::Tensor& param_norms, const at::Tensor& norms) {
+  return at::where((param_norms > 0) & (norms > 0), ratio, at::ones_like(ratio));
+}
+
+double unless_zero_norm(double ratio, double param_norm, double norm) {
+  return param_norm > 0 && norm > 0 ? ratio : 1.0;
+}
+
+at::Tensor at_most_one(const at::Tensor& ratio) {
+  return at::clamp_max(ratio, 1.0);
+}
+
+double at_most_one(double ratio) {
+  return std::min(ratio, 1.0);
+}
+
+} // namespace
+
+template <typename T>
+T trust_ratio(
+    const T& param_norms,
+    const T& norms,
     double weight_decay,
-    const at::Tensor& lr,
+    const T& lr,
     double eps,
     double trust_coef,
     bool clip,
     TrustRatio variant) {
-  // "decayed" and "update" divide by their norm alone: the decay is in it, or in the base.
-  const at::Tensor denominator =
-      variant == TrustRatio::kPaper ? norms + weight_decay * param_norms + eps : norms + eps;
-  at::Tensor ratio = trust_coef * param_norms / denominator;
-  ratio = at::where((param_norms > 0) & (norms > 0), ratio, at::ones_like(ratio));
+  // "decayed" and "update" divide by their norm alone: the decay is in it, or in the step.
+  const T denominator = variant == TrustRatio::kPaper ? norms + weight_decay * param_norms + eps : norms + eps;
+  T ratio = unless_zero_norm(trust_coef * param_norms / denominator, param_norms, norms);
   if (clip) {
-    ratio = at::clamp_max(ratio / lr, 1.0);
+    ratio = at_most_one(ratio / lr);
   }
   return ratio;
 }
 
-double trust_ratio(
-    double param_norm,
-    double norm,
-    double weight_decay,
-    double lr,
-    double eps,
-    double trust_coef,
-    bool clip,
-    TrustRatio variant) {
-  const double denominator =
-      variant == TrustRatio::kPaper ? norm + weight_decay * param_norm + eps : norm + eps;
-  double ratio = param_norm > 0 && norm > 0 ? trust_coef * param_norm / denominator : 1.0;
-  if (clip) {
-    ratio = std::min(ratio / lr, 1.0);
-  }
-  return ratio;
-}
+template at::Tensor trust_ratio<at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, const at::Tensor&, double, double, bool, TrustRatio);
+template double trust_ratio<double>(
+    const double&, const double&, double, const double&, double, double, bool, TrustRatio);
 
 namespace {
 
@@ -83,22 +91,22 @@ struct DeviceDtypeGroup {
   std::vector<int64_t> indices; // of params and grads in the lists given
 };
 
-std::vector<DeviceDtypeGroup> group_by_device_and_dtype(at::TensorList params, at::TensorList grads) {
+// `grads` (named `name` in errors, from `op`) pair with `params` one to one.
+std::vector<DeviceDtypeGroup> group_by_device_and_dtype(
+    at::TensorList params, at::TensorList grads, const char* op, const char* name) {
   TORCH_CHECK(
-      params.size() == grads.size(),
-      "lars_scale_gradients_: got ", params.size(), " params but ", grads.size(), " grads");
+      params.size() == grads.size(), op, ": got ", params.size(), " params but ", grads.size(), " ", name);
   std::vector<DeviceDtypeGroup> groups;
   for (const auto i : c10::irange(params.size())) {
     const at::Tensor& param = params[i];
     const at::Tensor& grad = grads[i];
     TORCH_CHECK(
         grad.layout() == at::kStrided,
-        "lars_scale_gradients_: grads[", i, "] is not dense (layout ", grad.layout(),
-        "); LARS needs dense gradients");
+        op, ": ", name, "[", i, "] is not dense (layout ", grad.layout(), "); LARS needs dense tensors");
     TORCH_CHECK(
         grad.device() == param.device() && grad.scalar_type() == param.scalar_type() &&
             grad.sizes() == param.sizes(),
-        "lars_scale_gradients_: grads[", i, "] (", grad.scalar_type(), grad.sizes(), " on ",
+        op, ": ", name, "[", i, "] (", grad.scalar_type(), grad.sizes(), " on ",
         grad.device(), ") does not match params[", i, "] (", param.scalar_type(), param.sizes(),
         " on ", param.device(), ")");
     auto group = std::find_if(groups.begin(), groups.end(), [&](const DeviceDtypeGroup& g) {
@@ -221,7 +229,7 @@ void lars_scale_gradients_(
       variant != TrustRatio::kUpdate,
       "lars_scale_gradients_: trust_ratio='update' scales the base's update, not the gradient; "
       "use 'paper' or 'decayed' (lars::LARS steps 'update' itself)");
-  const std::vector<DeviceDtypeGroup> groups = group_by_device_and_dtype(params, grads);
+  const std::vector<DeviceDtypeGroup> groups = group_by_device_and_dtype(params, grads, "lars_scale_gradients_", "grads");
   if (trust_ratios) {
     const at::Tensor& out = *trust_ratios;
     TORCH_CHECK(
@@ -251,6 +259,29 @@ void lars_scale_gradients_(
       at::_foreach_copy_(slots, ratios.to(at::kFloat).unbind(0));
     }
   }
+}
+
+std::vector<std::pair<std::vector<at::Tensor>, at::Tensor>> lars_update_(
+    at::TensorList params,
+    at::TensorList params_before,
+    const at::Tensor& lr,
+    double eps,
+    double trust_coef,
+    bool clip) {
+  std::vector<std::pair<std::vector<at::Tensor>, at::Tensor>> ratios;
+  for (auto& group : group_by_device_and_dtype(params, params_before, "lars_update_", "params_before")) {
+    const std::vector<at::Tensor>& before = group.grads; // paired with params as grads are elsewhere
+    const at::Tensor param_norms = norms_of(before, group.dtype);
+    // w <- w - w_before, the base's step, in place; then w <- w_before + r * step.
+    at::_foreach_sub_(group.params, before);
+    const at::Tensor step_norms = norms_of(group.params, group.dtype) / lr;
+    const at::Tensor group_ratios =
+        trust_ratio(param_norms, step_norms, 0.0, lr, eps, trust_coef, clip, TrustRatio::kUpdate);
+    at::_foreach_mul_(group.params, group_ratios.unbind(0));
+    at::_foreach_add_(group.params, before);
+    ratios.emplace_back(std::move(group.params), group_ratios);
+  }
+  return ratios;
 }
 
 } // namespace lars

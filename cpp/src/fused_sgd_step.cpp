@@ -4,7 +4,6 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/irange.h>
 #include <torch/optim/sgd.h>
 
@@ -23,7 +22,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> TrustRatioRecord::ratios() const 
   return ratios;
 }
 
-bool fused_sgd_supports(const std::vector<at::Tensor>& params) {
+bool fused_step_supports(const std::vector<at::Tensor>& params) {
   return std::all_of(params.begin(), params.end(), [](const at::Tensor& param) {
     return param.device().is_cpu() && param.layout() == at::kStrided && fused_dtype(param.scalar_type());
   });
@@ -32,7 +31,7 @@ bool fused_sgd_supports(const std::vector<at::Tensor>& params) {
 void fused_sgd_step(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
-    const FusedSGDSettings& settings,
+    const LARSSGDOptions& options,
     ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>& state,
     TrustRatioRecord& record) {
   struct Call {
@@ -45,7 +44,7 @@ void fused_sgd_step(
     const at::Tensor& param = params[j];
     bool is_first_step = false;
     at::Tensor momentum_buffer;
-    if (settings.momentum != 0) {
+    if (options.momentum() != 0) {
       auto& param_state = state[param.unsafeGetTensorImpl()];
       if (!param_state) {
         auto sgd_state = std::make_unique<torch::optim::SGDParamState>();
@@ -67,13 +66,11 @@ void fused_sgd_step(
       call->momentum_buffers.push_back(momentum_buffer);
     }
   }
-  const at::Tensor lr = at::scalar_tensor(settings.lr, at::kDouble);
   for (auto& call : calls) {
+    // fp32 telemetry whatever the dtype (the step itself uses fp64 ratios for fp64 params).
     at::Tensor ratios = at::empty({static_cast<int64_t>(call.params.size())}, at::kFloat);
-    lars_sgd_(
-        call.params, call.grads, call.momentum_buffers, lr, settings.weight_decay, settings.momentum,
-        settings.dampening, settings.nesterov, settings.maximize, call.is_first_step, settings.eps,
-        settings.trust_coef, settings.clip, std::nullopt, std::nullopt, settings.trust_ratio, ratios);
+    lars_sgd_(call.params, call.grads, call.momentum_buffers, options, call.is_first_step, std::nullopt, std::nullopt,
+              ratios);
     record.add(std::move(call.params), std::move(ratios));
   }
 }

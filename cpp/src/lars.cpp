@@ -137,11 +137,12 @@ class WeightDecayTakenOver {
 
 // Whether LARS and the base step as one fused operator (lars/fused.h): "paper" or "decayed"
 // around torch::optim::SGD itself (a subclass may step otherwise), for parameters the kernel
-// steps. CUDA tensors keep the foreach path: the operator has a CPU kernel only.
+// steps. Other tensors (CUDA ones) take lars_scale_gradients_, then the base's step: the
+// operator has a CPU kernel only.
 bool steps_fused(
     const Optimizer& base, TrustRatio variant, const std::vector<std::vector<at::Tensor>>& params) {
   return typeid(base) == typeid(torch::optim::SGD) && variant != TrustRatio::kUpdate &&
-      std::all_of(params.begin(), params.end(), detail::fused_sgd_supports);
+      std::all_of(params.begin(), params.end(), detail::fused_step_supports);
 }
 
 // Undefines the gradients of the given parameters for its lifetime, so that the base's step
@@ -268,10 +269,16 @@ torch::Tensor LARS::step(LossClosure closure) {
       at::NoGradGuard no_grad;
       for (const auto k : c10::irange(adapted.size())) {
         const auto& sgd = static_cast<const torch::optim::SGDOptions&>(param_groups_[adapted[k]].options());
-        const detail::FusedSGDSettings settings{
-            sgd.lr(), sgd.weight_decay(), sgd.momentum(), sgd.dampening(), sgd.nesterov(), /*maximize=*/false,
-            options_.eps(), options_.trust_coef(), options_.clip(), variant};
-        detail::fused_sgd_step(params[k], grads[k], settings, base_->state(), trust_ratios_);
+        const LARSSGDOptions options = LARSSGDOptions(sgd.lr())
+                                           .momentum(sgd.momentum())
+                                           .dampening(sgd.dampening())
+                                           .weight_decay(sgd.weight_decay())
+                                           .nesterov(sgd.nesterov())
+                                           .eps(options_.eps())
+                                           .trust_coef(options_.trust_coef())
+                                           .clip(options_.clip())
+                                           .trust_ratio(variant);
+        detail::fused_sgd_step(params[k], grads[k], options, base_->state(), trust_ratios_);
       }
     }
     if (adapted.size() < param_groups_.size()) {
@@ -315,51 +322,24 @@ torch::Tensor LARS::step(LossClosure closure) {
 
 void LARS::update_step(const std::vector<size_t>& adapted, const std::vector<std::vector<at::Tensor>>& params) {
   trust_ratios_.clear();
-  // The parameters of each group by device and dtype, for one multi-tensor call each, and
-  // their values before the base's step.
-  struct Bucket {
-    size_t group;
-    std::vector<at::Tensor> params, before;
-  };
-  std::vector<Bucket> buckets;
+  std::vector<std::vector<at::Tensor>> before(adapted.size()); // the parameters before the base's step
   {
     at::NoGradGuard no_grad;
     for (const auto k : c10::irange(adapted.size())) {
-      const auto first = static_cast<std::ptrdiff_t>(buckets.size());
       for (const at::Tensor& param : params[k]) {
-        auto bucket = std::find_if(buckets.begin() + first, buckets.end(), [&](const Bucket& b) {
-          return b.params[0].device() == param.device() && b.params[0].scalar_type() == param.scalar_type();
-        });
-        if (bucket == buckets.end()) {
-          bucket = buckets.insert(buckets.end(), {adapted[k], {}, {}});
-        }
-        bucket->params.push_back(param);
+        before[k].push_back(at::empty_like(param));
       }
-    }
-    for (auto& bucket : buckets) {
-      for (const at::Tensor& param : bucket.params) {
-        bucket.before.push_back(at::empty_like(param));
-      }
-      at::_foreach_copy_(bucket.before, bucket.params);
+      at::_foreach_copy_(before[k], params[k]);
     }
   }
   base_->step();
   at::NoGradGuard no_grad;
-  for (auto& bucket : buckets) {
-    const c10::ScalarType dtype = bucket.params[0].scalar_type();
-    const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-    const auto norm_dtype = half ? std::optional<c10::ScalarType>(at::kFloat) : std::nullopt;
-    const at::Tensor lr = at::scalar_tensor(param_groups_[bucket.group].options().get_lr(), at::kDouble);
-    const at::Tensor param_norms = at::stack(at::_foreach_norm(bucket.before, 2, norm_dtype));
-    // w <- w_after - w_before, the base's update, in place; then w <- w_before + r * update.
-    at::_foreach_sub_(bucket.params, bucket.before);
-    const at::Tensor update_norms = at::stack(at::_foreach_norm(bucket.params, 2, norm_dtype)) / lr;
-    const at::Tensor ratios = trust_ratio(
-        param_norms, update_norms, 0.0, lr, options_.eps(), options_.trust_coef(), options_.clip(),
-        TrustRatio::kUpdate);
-    at::_foreach_mul_(bucket.params, ratios.unbind(0));
-    at::_foreach_add_(bucket.params, bucket.before);
-    trust_ratios_.add(std::move(bucket.params), ratios.to(at::kFloat));
+  for (const auto k : c10::irange(adapted.size())) {
+    const at::Tensor lr = at::scalar_tensor(param_groups_[adapted[k]].options().get_lr(), at::kDouble);
+    for (auto& [bucket_params, ratios] :
+         lars_update_(params[k], before[k], lr, options_.eps(), options_.trust_coef(), options_.clip())) {
+      trust_ratios_.add(std::move(bucket_params), ratios.to(at::kFloat));
+    }
   }
 }
 

@@ -223,17 +223,12 @@ torch::Tensor LARSSGD::step(LossClosure closure) {
     // The parameters the fused operator steps, and the others.
     std::vector<at::Tensor> fused_params, fused_grads, other_params, other_grads;
     for (const auto j : c10::irange(params[i].size())) {
-      const bool fused = detail::fused_sgd_supports({params[i][j]});
+      const bool fused = detail::fused_step_supports({params[i][j]});
       (fused ? fused_params : other_params).push_back(params[i][j]);
       (fused ? fused_grads : other_grads).push_back(grads[i][j]);
     }
     if (!fused_params.empty()) {
-      detail::fused_sgd_step(
-          fused_params, fused_grads,
-          detail::FusedSGDSettings{
-              group.lr(), group.weight_decay(), group.momentum(), group.dampening(), group.nesterov(),
-              group.maximize(), group.eps(), group.trust_coef(), group.clip(), group.trust_ratio()},
-          state_, trust_ratios_);
+      detail::fused_sgd_step(fused_params, fused_grads, group, state_, trust_ratios_);
     }
     // The others: the same ratios on copies of their gradients (the caller's stay as they
     // are), per device, then an SGD step without weight decay (it is in the scaled gradient).

@@ -242,17 +242,17 @@ TEST(FusedSGD, DecayedVariantAndTrustRatiosOut) {
   std::vector<at::Tensor> params{w.clone()};
   std::vector<at::Tensor> buffers{at::empty_like(w)};
   auto ratios = at::full({1}, -1.0, at::kFloat);
-  lars::lars_sgd_(params, {g}, buffers, at::scalar_tensor(lr, at::kDouble), wd, 0.9, 0.0, false, /*maximize=*/true,
-                  true, 1e-8, 0.02, false, std::nullopt, std::nullopt, lars::TrustRatio::kDecayed, ratios);
+  const auto options = lars::LARSSGDOptions(lr).weight_decay(wd).momentum(0.9).maximize(true).trust_coef(0.02);
+  lars::lars_sgd_(params, {g}, buffers, lars::LARSSGDOptions(options).trust_ratio("decayed"), /*is_first_step=*/true,
+                  std::nullopt, std::nullopt, ratios);
   const auto w64 = w.to(at::kDouble);
   const auto d = -g.to(at::kDouble) + wd * w64;
   const double expected = 0.02 * w64.norm().item<double>() / (d.norm().item<double>() + 1e-8);
   EXPECT_NEAR(ratios[0].item<double>(), expected, 1e-6 * expected);
   EXPECT_TRUE(at::allclose(params[0].to(at::kDouble), w64 - lr * expected * d, 1e-6, 1e-7));
   EXPECT_TRUE(contains(error_of<c10::ValueError>([&] {
-                         lars::lars_sgd_(params, {g}, buffers, at::scalar_tensor(lr, at::kDouble), wd, 0.9, 0.0,
-                                         false, false, false, 1e-8, 0.02, false, std::nullopt, std::nullopt,
-                                         lars::TrustRatio::kUpdate);
+                         lars::lars_sgd_(params, {g}, buffers, lars::LARSSGDOptions(options).trust_ratio("update"),
+                                         false);
                        }),
                        "trust_ratio must be 'paper' or 'decayed'"));
 }
@@ -744,8 +744,10 @@ struct FusedLARS {
 at::Tensor fused_step_of(const at::Tensor& w, const at::Tensor& g, const at::Tensor& buffer, bool is_first_step) {
   std::vector<at::Tensor> params{w.detach().clone()};
   std::vector<at::Tensor> buffers{is_first_step ? at::empty_like(w) : buffer.clone()};
-  lars::lars_sgd_(params, {g}, buffers, at::scalar_tensor(kFusedLr, at::kDouble), kFusedWeightDecay, kFusedMomentum,
-                  0.0, false, false, is_first_step, 1e-8, kFusedTrustCoef, false);
+  lars::lars_sgd_(
+      params, {g}, buffers,
+      lars::LARSSGDOptions(kFusedLr).weight_decay(kFusedWeightDecay).momentum(kFusedMomentum).trust_coef(kFusedTrustCoef),
+      is_first_step);
   return params[0];
 }
 
@@ -795,9 +797,9 @@ TEST(FusedSGD, AStepDoesNotDependOnTheThreadCount) {
     at::set_num_threads(threads);
     std::vector<at::Tensor> params = {init[0].clone(), init[1].clone()};
     auto ratios = at::empty({2}, at::kFloat);
-    lars::lars_sgd_(params, grads, {}, at::scalar_tensor(kFusedLr, at::kDouble), kFusedWeightDecay, 0.0, 0.0, false,
-                    false, true, 1e-8, kFusedTrustCoef, false, std::nullopt, std::nullopt, lars::TrustRatio::kPaper,
-                    ratios);
+    lars::lars_sgd_(params, grads, {},
+                    lars::LARSSGDOptions(kFusedLr).weight_decay(kFusedWeightDecay).trust_coef(kFusedTrustCoef),
+                    /*is_first_step=*/true, std::nullopt, std::nullopt, ratios);
     at::set_num_threads(before);
     return std::make_pair(params, ratios);
   };

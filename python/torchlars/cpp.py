@@ -1,5 +1,5 @@
-"""``torchlars.cpp.LARS`` and ``torchlars.cpp.LARSSGD``: liblars's C++ optimizers
-(``lars::LARS``, ``lars::LARSSGD``), from Python."""
+"""``torchlars.cpp.LARS``, ``torchlars.cpp.LARSSGD`` and ``torchlars.cpp.LAMB``: liblars's C++
+optimizers (``lars::LARS``, ``lars::LARSSGD``, ``lars::LAMB``), from Python."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torchlars._extension import _C
 from torchlars.lars import evaluate_closure
 
-__all__ = ["LARS", "LARSSGD"]
+__all__ = ["LAMB", "LARS", "LARSSGD"]
 
 
 class LARS:
@@ -228,6 +228,130 @@ class LARSSGD:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS step of every param group, in C++.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first (with grad
+                enabled), so the gradients it produces are the ones stepped on.
+        """
+        loss = evaluate_closure(closure)
+        self._optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none)
+
+
+class LAMB:
+    r"""LAMB built from params, stepping in C++ (``lars::LAMB``).
+
+    The same optimizer as :class:`torchlars.LAMB` (see its docstring for the algorithm and the
+    paper), computed by liblars's ``lars::LAMB``: CPU parameters of fp32, fp64, bf16 and fp16
+    with its fused LAMB operator (``torch.ops.torchlars.lamb_``). Groups whose ``weight_decay``
+    is 0 step as AdamW unless ``always_adapt``; groups with ``"lars_exclude": True`` always do.
+    ``step`` and ``zero_grad`` run in C++ without the GIL, behind a lock of their own.
+
+    Like :class:`LARSSGD`, the C++ optimizer's Python face, for parity tests and for stepping
+    with exactly what a C++ program gets; not a ``torch.optim.Optimizer``.
+
+    Example::
+
+        optimizer = torchlars.cpp.LAMB(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    Args:
+        params: tensors, or param-group dicts as for ``torch.optim``: ``"params"``, any option
+            below for that group, and ``"lars_exclude": True`` to step the group as plain AdamW.
+        lr, betas, eps, weight_decay, trust_coef, trust_eps, trust_clip, always_adapt,
+        bias_correction, max_grad_norm, maximize: as in :class:`torchlars.LAMB` (``lr`` a
+        number; ``max_grad_norm`` is read from the defaults only, as timm's Lamb reads it).
+    """
+
+    _FLOATS = ("lr", "eps", "weight_decay", "trust_coef", "trust_eps")
+    _BOOLS = ("trust_clip", "always_adapt", "bias_correction", "maximize", "lars_exclude")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        trust_coef: float = 1.0,
+        trust_eps: float = 0.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        bias_correction: bool = True,
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            trust_coef=trust_coef,
+            trust_eps=trust_eps,
+            trust_clip=trust_clip,
+            always_adapt=always_adapt,
+            bias_correction=bias_correction,
+            max_grad_norm=max_grad_norm,
+            maximize=maximize,
+            lars_exclude=False,
+        )
+        self._check_types(defaults, "the defaults")
+        groups = []
+        for index, (tensors, options, excluded) in enumerate(_param_groups(params, "torchlars.cpp.LAMB")):
+            unknown = sorted(set(options) - set(defaults))
+            if unknown:
+                raise TypeError(
+                    f"torchlars.cpp.LAMB: unknown option(s) {unknown} in param group {index}; "
+                    f"its options are {', '.join(defaults)}"
+                )
+            merged = {**defaults, **options, "lars_exclude": excluded}
+            self._check_types(merged, f"param group {index}")
+            groups.append((tensors, merged))
+        # The values themselves (signs, betas in [0, 1)) are checked in C++.
+        self._optimizer = _C.LAMB(param_groups=groups, defaults=defaults)
+
+    @classmethod
+    def _check_types(cls, options: dict[str, Any], where: str) -> None:
+        def is_number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
+        for name in cls._FLOATS:
+            if not is_number(options[name]):
+                raise TypeError(
+                    f"torchlars.cpp.LAMB: `{name}` ({where}) must be a number, got {torch.typename(options[name])}"
+                )
+        for name in cls._BOOLS:
+            if not isinstance(options[name], bool):
+                raise TypeError(
+                    f"torchlars.cpp.LAMB: `{name}` ({where}) must be a bool, got {torch.typename(options[name])}"
+                )
+        betas = options["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(is_number, betas))):
+            raise TypeError(f"torchlars.cpp.LAMB: `betas` ({where}) must be a pair of numbers, got {betas!r}")
+        if options["max_grad_norm"] is not None and not is_number(options["max_grad_norm"]):
+            raise TypeError(
+                f"torchlars.cpp.LAMB: `max_grad_norm` ({where}) must be a number or None, "
+                f"got {torch.typename(options['max_grad_norm'])}"
+            )
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups with all their options, as ``torch.optim``'s (a copy: read, not written)."""
+        return self._optimizer.param_groups()
+
+    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
+        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
+        return self._optimizer.trust_ratios()
+
+    def __repr__(self) -> str:
+        return f"torchlars.cpp.LAMB({len(self.param_groups)} param groups)"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LAMB step of every param group, in C++.
 
         Args:
             closure: re-evaluates the model and returns the loss; it runs first (with grad

@@ -3,9 +3,9 @@
 Importing this module loads the C++ extension (``torchlars._C``, which registers the
 operators) and registers the operators' fake implementations, with which ``torch.compile``
 and meta tensors trace through them. ``LARS(..., backend="cpp")`` steps with
-``lars_scale_gradients_``; the fused path with ``lars_sgd_`` (liblars's fused LARS +
-momentum-SGD kernel, ``cpp/include/lars/fused.h``). Python reaches liblars's operators only
-this way; ``torchlars.cpp`` is the face of the C++ optimizer classes.
+``lars_scale_gradients_``; the fused paths with ``lars_sgd_`` and :func:`lamb_` (liblars's
+fused LARS + momentum-SGD and LAMB kernels, ``cpp/include/lars/fused.h``). Python reaches
+liblars's operators only this way; ``torchlars.cpp`` is the face of the C++ optimizer classes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from torchlars._extension import _C  # noqa: F401  (loads liblars, which defines torch.ops.torchlars)
 
-__all__ = ["lars_scale_gradients_"]
+__all__ = ["lamb_", "lars_scale_gradients_"]
 
 
 def lars_scale_gradients_(
@@ -53,6 +53,47 @@ def lars_scale_gradients_(
     return ratios
 
 
+def lamb_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_coef: float,
+    trust_eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    bias_correction: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    r"""One LAMB step of CPU tensors of one dtype, by liblars's fused operator (``lars::lamb_``).
+
+    The step of :class:`torchlars.LAMB` (its docstring states the algorithm): ``exp_avgs`` and
+    ``exp_avg_sqs`` are updated and ``params`` written in place; ``grads`` are read only.
+    ``state_steps`` are the step numbers, already counted (one-element CPU tensors, as torch's
+    fused AdamW takes them). ``adapt=False`` steps as AdamW (ratio 1); ``grad_scale`` divides
+    the gradients first (GradScaler's, or a ``max_grad_norm`` clip); a non-zero ``found_inf``
+    skips the step. Returns the ratios, one per param: fp64 for fp64 params, else fp32 (NaN
+    where ``found_inf`` skipped). A tensor ``lr`` is passed as it is, so a changing ``lr``
+    causes no recompilation.
+    """
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(lr, dtype=torch.float64)
+    return torch.ops.torchlars.lamb_(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, trust_coef=trust_coef, trust_eps=trust_eps, trust_clip=trust_clip, adapt=adapt,
+        bias_correction=bias_correction, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
 def _check_trust_ratio(op: str, trust_ratio: str, allowed: tuple[str, ...]) -> None:
     torch._check(
         trust_ratio in allowed,
@@ -60,11 +101,14 @@ def _check_trust_ratio(op: str, trust_ratio: str, allowed: tuple[str, ...]) -> N
     )
 
 
-def _check_trust_ratios(op: str, trust_ratios: Tensor | None, count: int) -> None:
+def _check_trust_ratios(op: str, trust_ratios: Tensor | None, params: list[Tensor]) -> None:
+    # fp32, or fp64 for fp64 params (the ratios the step used, unrounded).
     if trust_ratios is not None:
+        fp64 = bool(params) and params[0].dtype == torch.float64
         torch._check(
-            trust_ratios.dtype == torch.float32 and trust_ratios.shape == (count,),
-            lambda: f"{op}: trust_ratios must be a 1-D fp32 tensor of {count} ratios",
+            (trust_ratios.dtype == torch.float32 or (fp64 and trust_ratios.dtype == torch.float64))
+            and trust_ratios.shape == (len(params),),
+            lambda: f"{op}: trust_ratios must be a 1-D fp32 tensor (fp64 for fp64 params) of {len(params)} ratios",
         )
 
 
@@ -87,7 +131,7 @@ def _lars_scale_gradients_fake(
         lambda: f"lars_scale_gradients_: got {len(params)} params but {len(grads)} grads",
     )
     _check_trust_ratio("lars_scale_gradients_", trust_ratio, ("paper", "decayed"))
-    _check_trust_ratios("lars_scale_gradients_", trust_ratios, len(params))
+    _check_trust_ratios("lars_scale_gradients_", trust_ratios, params)
     for i, (param, grad) in enumerate(zip(params, grads)):
         torch._check(
             param.shape == grad.shape and param.dtype == grad.dtype and param.device == grad.device,
@@ -118,7 +162,7 @@ def _lars_sgd_fake(
 ) -> None:
     # Only mutates params, momentum_buffers and trust_ratios in place: the shape checks of the kernel.
     _check_trust_ratio("lars_sgd_", trust_ratio, ("paper", "decayed"))
-    _check_trust_ratios("lars_sgd_", trust_ratios, len(params))
+    _check_trust_ratios("lars_sgd_", trust_ratios, params)
     torch._check(
         len(grads) == len(params), lambda: f"lars_sgd_: got {len(params)} params but {len(grads)} grads"
     )
@@ -131,3 +175,40 @@ def _lars_sgd_fake(
             param.shape == grad.shape and param.dtype == grad.dtype,
             lambda: f"lars_sgd_: grads[{i}] does not match params[{i}]",
         )
+
+
+@torch.library.register_fake("torchlars::lamb_")
+def _lamb_fake(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_coef: float,
+    trust_eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    bias_correction: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    # Mutates params, exp_avgs and exp_avg_sqs in place; allocates the ratios.
+    count = len(params)
+    for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        torch._check(len(tensors) == count, lambda: f"lamb_: got {count} params but {len(tensors)} {name}")
+        for i, (param, tensor) in enumerate(zip(params, tensors)):
+            torch._check(
+                param.shape == tensor.shape and param.dtype == tensor.dtype,
+                lambda: f"lamb_: {name}[{i}] does not match params[{i}]",
+            )
+    torch._check(len(state_steps) == count, lambda: f"lamb_: got {count} params but {len(state_steps)} state_steps")
+    fp64 = bool(params) and params[0].dtype == torch.float64
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty(count, dtype=torch.float64 if fp64 else torch.float32, device=device)

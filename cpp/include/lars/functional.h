@@ -6,15 +6,17 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace lars {
 
-/// What the trust ratio is computed from (SPEC.md, "Trust-ratio variants"); the names are
+/// What the trust ratio is computed from (`trust_ratio` below; SPEC.md, "Trust-ratio variants"); the names are
 /// Python's strings, `trust_ratio="paper" | "decayed" | "update"`.
 enum class TrustRatio {
-  kPaper,   ///< "paper": tc * |w| / (|g| + wd * |w| + eps), then g <- (g + wd * w) * r
-  kDecayed, ///< "decayed": tc * |w| / (|g + wd * w| + eps), then g <- (g + wd * w) * r
-  kUpdate,  ///< "update" (LAMB, lars::LARS only): tc * |w| / (|u| + eps), u the base's own step / lr
+  kPaper,   ///< "paper": the LARS paper's ratio, from |g|
+  kDecayed, ///< "decayed": from |g + wd * w|
+  kUpdate,  ///< "update" (LAMB, lars::LARS only): from the base's step per unit of learning rate
 };
 
 /// The variant named `name` ("paper", "decayed" or "update"); any other name is refused,
@@ -25,39 +27,39 @@ TrustRatio parse_trust_ratio(c10::string_view name, const char* who);
 const char* trust_ratio_name(TrustRatio variant);
 
 /// Layer-wise trust ratios of LARS (You, Gitman & Ginsburg, 2017,
-/// https://arxiv.org/abs/1708.03888), for each parameter w:
+/// https://arxiv.org/abs/1708.03888): the formula of liblars, stated here once. For each
+/// parameter w:
 ///
 ///     paper:   r = trust_coef * |w| / (n + weight_decay * |w| + eps),  n = |g|
 ///     decayed: r = trust_coef * |w| / (n + eps),                       n = |g + weight_decay * w|
-///     update:  r = trust_coef * |w| / (n + eps),                       n = |w_after - w_before| / lr
+///     update:  r = trust_coef * |w| / (n + eps),                       n = |u|
 ///     r = 1                               unless |w| > 0 and n > 0 (the zero-norm rule)
 ///     r = min(r / lr, 1)                  only if clip (LARC)
 ///
 /// where g is the gradient (already divided by the loss scale, and negated if maximising),
-/// and for "update" w is the parameter before the base's step and w_after after it.
-/// `param_norms` holds |w| and `norms` holds n, one per parameter. `lr` is a 0-dim tensor,
-/// read only when `clip`. Pure tensor ops: nothing waits on the device. The other LARS
-/// sources (lars.h, fused.h, the kernels) refer to this statement.
-at::Tensor trust_ratio(
-    const at::Tensor& param_norms,
-    const at::Tensor& norms,
+/// and for "update" (LAMB, You et al., 2019, https://arxiv.org/abs/1904.00962) u is the
+/// step per unit of learning rate: the base's (w_after - w_before) / lr in lars_update_, or
+/// LAMB's own m_hat / (sqrt(v_hat) + eps) + weight_decay * w in lars::LAMB.
+///
+/// `param_norms` holds |w| and `norms` holds n, one per parameter. T is at::Tensor (the
+/// ratios of many parameters at once, `lr` a 0-dim tensor read only when `clip`: pure tensor
+/// ops, nothing waits on the device) or double (one parameter's, as the fused CPU kernels
+/// compute it). Every other LARS source refers to this statement.
+template <typename T>
+T trust_ratio(
+    const T& param_norms,
+    const T& norms,
     double weight_decay,
-    const at::Tensor& lr,
+    const T& lr,
     double eps,
     double trust_coef,
     bool clip,
     TrustRatio variant = TrustRatio::kPaper);
 
-/// The same ratio for one parameter, from its norms as numbers: the fused step's (fused.h).
-double trust_ratio(
-    double param_norm,
-    double norm,
-    double weight_decay,
-    double lr,
-    double eps,
-    double trust_coef,
-    bool clip,
-    TrustRatio variant = TrustRatio::kPaper);
+extern template at::Tensor trust_ratio<at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, const at::Tensor&, double, double, bool, TrustRatio);
+extern template double trust_ratio<double>(
+    const double&, const double&, double, const double&, double, double, bool, TrustRatio);
 
 /// Replaces every gradient by its LARS-scaled version, in place:
 ///
@@ -81,5 +83,23 @@ void lars_scale_gradients_(
     bool clip,
     TrustRatio variant = TrustRatio::kPaper,
     const std::optional<at::Tensor>& trust_ratios = std::nullopt);
+
+/// Scales the step a base optimizer just took, in place: trust_ratio "update" (LAMB) around
+/// any base, the C++ twin of torchlars._functional.lars_update_. With u = (w - w_before) / lr
+/// the base's step per unit of learning rate (its own weight decay included) and r from
+/// `trust_ratio` on |w_before| and |u|:
+///
+///     w = w_before + r * (w - w_before)
+///
+/// `params_before[i]` holds params[i] before the base's step (overwritten). Multi-tensor ATen
+/// ops per device and dtype, norms in fp32 for half types, no host synchronisation. Returns,
+/// per (device, dtype), the parameters and the ratios used (in the norms' dtype).
+std::vector<std::pair<std::vector<at::Tensor>, at::Tensor>> lars_update_(
+    at::TensorList params,
+    at::TensorList params_before,
+    const at::Tensor& lr,
+    double eps,
+    double trust_coef,
+    bool clip);
 
 } // namespace lars

@@ -1,5 +1,7 @@
-// One LARS step over SGD through the installed liblars; prints the parameter it updated.
+// One LARS step over SGD and one LAMB step through the installed liblars; prints the
+// parameters they updated, one line each.
 
+#include <lars/lamb.h>
 #include <lars/lars.h>
 
 #include <torch/optim/sgd.h>
@@ -15,5 +17,11 @@ int main() {
   w.mutable_grad() = torch::tensor({0.0, 10.0});
   optimizer.step();
   std::cout << w[0].item<double>() << " " << w[1].item<double>() << std::endl;
+
+  const auto v = torch::tensor({3.0, 4.0}).requires_grad_(true);
+  lars::LAMB lamb(std::vector<torch::Tensor>{v}, lars::LAMBOptions(0.1).weight_decay(0.01));
+  v.mutable_grad() = torch::tensor({0.0, 10.0});
+  lamb.step();
+  std::cout << v[0].item<double>() << " " << v[1].item<double>() << std::endl;
   return 0;
 }
