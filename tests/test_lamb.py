@@ -122,15 +122,32 @@ def _adapted(group):
     return not group.get("lars_exclude", False) and (group["weight_decay"] != 0 or group["always_adapt"])
 
 
+def _fused_op_installed():
+    try:
+        import torchlars.ops  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops.torchlars, "lamb_")
+
+
+needs_fused = pytest.mark.skipif(not _fused_op_installed(), reason="torch.ops.torchlars.lamb_ is not installed")
+
+
+IMPLEMENTATIONS = [
+    pytest.param(dict(foreach=True), id="foreach"),
+    pytest.param(dict(foreach=False), id="single"),
+    pytest.param(dict(fused=True), id="fused", marks=needs_fused),
+]
+
 _TIGHT = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["one", "groups"])
 @pytest.mark.parametrize("option", list(_OPTIONS))
-def test_steps_like_the_formula(option, layout, dtype, foreach):
-    _, actual, expected, ratios, expected_ratios = _run(_OPTIONS[option], layout, dtype, foreach=foreach)
+def test_steps_like_the_formula(option, layout, dtype, implementation):
+    _, actual, expected, ratios, expected_ratios = _run(_OPTIONS[option], layout, dtype, **implementation)
     for p, q in zip(actual, expected):
         torch.testing.assert_close(p.detach().double(), q, **_TIGHT[dtype])
     assert [r.dtype for r in ratios] == [torch.float32 if dtype == torch.float32 else torch.float64] * len(ratios)
@@ -145,11 +162,11 @@ def test_trust_clip_caps_ratios_above_one_only():
     torch.testing.assert_close(torch.stack(ratios), torch.tensor(unclipped, dtype=torch.float64).clamp(max=1.0))
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_types_step_like_the_formula_to_rounding(dtype, foreach):
+def test_half_types_step_like_the_formula_to_rounding(dtype, implementation):
     # lr 0.05 so that a step is several ulps of the weights; m and v are kept in dtype.
-    _, actual, expected, ratios, expected_ratios = _run(dict(lr=0.05), "groups", dtype, steps=2, foreach=foreach)
+    _, actual, expected, ratios, expected_ratios = _run(dict(lr=0.05), "groups", dtype, steps=2, **implementation)
     ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     for p, q in zip(actual, expected):
         torch.testing.assert_close(p.detach().double(), q, rtol=2 * ulp, atol=0.05 * ulp * 4)
@@ -442,10 +459,13 @@ def test_a_sparse_gradient_is_refused_by_position_and_nothing_changes(group_opti
     assert torch.equal(dense, torch.ones(3, 2)) and len(optimizer.state) == 0
 
 
-@pytest.mark.skipif(hasattr(torch.ops.torchlars, "lamb_"), reason="the fused operator is installed")
-def test_fused_true_without_a_fused_operator_names_the_parameter():
-    with pytest.raises(RuntimeError, match="parameter 0 of param group 0.*fused=None or foreach=True"):
-        LAMB([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))], fused=True)
+def test_fused_true_refuses_what_no_fused_kernel_steps_by_position():
+    # Meta tensors: neither liblars's operator nor Triton steps them, installed or not.
+    optimizer = LAMB([nn.Parameter(torch.ones(2))])
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 1.*fused=None or foreach=True"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.ones(3, device="meta")),
+                                              nn.Parameter(torch.ones(3, device="meta"))], "fused": True})
+    assert len(optimizer.param_groups) == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -519,33 +539,7 @@ def test_a_transformers_trainer_steps_with_lamb(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# The fused operators (liblars's torch.ops.torchlars.lamb_): skipped until they are merged
-
-
-def _fused_op_installed():
-    try:
-        import torchlars.ops  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops.torchlars, "lamb_")
-
-
-needs_fused = pytest.mark.skipif(not _fused_op_installed(), reason="torch.ops.torchlars.lamb_ is not installed")
-
-
-@needs_fused
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("option", ["defaults", "lr_wd_betas_eps", "trust_coef_eps", "trust_clip", "always_adapt",
-                                    "no_bias_correction", "max_grad_norm", "maximize", "tensor_lr"])
-def test_fused_steps_like_foreach(option, dtype):
-    fused, *_ = runs = [_run(_OPTIONS[option], "groups", dtype, fused=True), _run(_OPTIONS[option], "groups", dtype,
-                                                                                  foreach=True)]
-    assert fused[0]._step_supports_amp_scaling
-    tolerance = _TIGHT.get(dtype, dict(rtol=2**-7, atol=1e-3))
-    for p, q in zip(runs[0][1], runs[1][1]):
-        torch.testing.assert_close(p, q, **tolerance)
-    for r, s in zip(runs[0][3], runs[1][3]):
-        torch.testing.assert_close(r, s, **tolerance)
+# The fused operator as the default (liblars's torch.ops.torchlars.lamb_; skipped without it)
 
 
 @needs_fused
