@@ -163,7 +163,7 @@ class LAMB(Optimizer):
         _load_fused_ops(group["params"])
         if group["fused"]:
             for param in group["params"]:
-                if _fused_lamb_op(param.device, param.dtype, [param]) is None:
+                if _fused_lamb_op(param.device, [param]) is None:
                     where = position(param, group, self.param_groups)
                     self.param_groups.pop()
                     raise RuntimeError(
@@ -179,8 +179,8 @@ class LAMB(Optimizer):
             self.defaults["fused"] is None
             and self.defaults["foreach"] is None
             and all(
-                _fused_lamb_op(device, dtype, bucket) is not None
-                for (device, dtype), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
+                _fused_lamb_op(device, bucket) is not None
+                for (device, _), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
             )
         )
 
@@ -409,7 +409,7 @@ def lamb(
         )
         # As torch's fused AdamW: the steps count first, and a step GradScaler skips takes it back.
         torch._foreach_add_(bucket_steps, 1)
-        op = _fused_lamb_op(device, dtype, bucket_params) if fused or (fused is None and foreach is None) else None
+        op = _fused_lamb_op(device, *tensors[:4]) if fused or (fused is None and foreach is None) else None
         if op is not None:
             bucket_ratios = _fused_lamb(op, *tensors, **amp, **settings)
         elif fused:
@@ -430,34 +430,40 @@ def lamb(
 # ---------------------------------------------------------------------------------------
 # The fused kernels: liblars's CPU operator, the Triton kernels for CUDA tensors
 
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# What the fused kernels step: plain tensors (a DTensor's norm is not its local shard's).
+# What liblars's operator steps: plain tensors (a DTensor's norm is not its local shard's) of these dtypes.
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-# ``lamb_`` of each device type, or None; filled by _load_fused_ops when an optimizer is built
-# (importing is not something a compiled step can do).
-_FUSED_OPS: dict[str, Callable[..., Tensor] | None] = {}
+# Per device type, the fused ``lamb_`` and what says whether it steps a bucket's lists, or None;
+# filled by _load_fused_ops when an optimizer is built (a compiled step cannot import).
+_FUSED_OPS: dict[str, tuple[Callable[..., Tensor], Callable[..., bool]] | None] = {}
+
+
+def _cpu_steps(params: list[Tensor], *others: list[Tensor]) -> bool:
+    return params[0].dtype in _CPU_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
 
 
 def _load_fused_ops(params: list[Tensor]) -> None:
     """Look up the fused ``lamb_`` for the device types of ``params``, once per type."""
     for device_type in {param.device.type for param in params} - _FUSED_OPS.keys():
-        op = None
+        fused = None
         if device_type == "cpu" and importlib.util.find_spec("torchlars._C") is not None:
             importlib.import_module("torchlars.ops")  # loads liblars: torch.ops.torchlars and its fake kernels
-            op = getattr(torch.ops.torchlars, "lamb_", None)
+            if hasattr(torch.ops.torchlars, "lamb_"):
+                fused = (torch.ops.torchlars.lamb_, _cpu_steps)
         elif device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-            op = getattr(importlib.import_module("torchlars._triton"), "lamb_", None)
-        _FUSED_OPS[device_type] = op
+            kernels = importlib.import_module("torchlars._triton")
+            if hasattr(kernels, "lamb_"):
+                fused = (kernels.lamb_, kernels.steps)  # steps: plain contiguous tensors of its dtypes
+        _FUSED_OPS[device_type] = fused
 
 
-def _fused_lamb_op(device: torch.device, dtype: torch.dtype, params: list[Tensor]) -> Callable[..., Tensor] | None:
-    """The fused ``lamb_`` that steps this bucket of one device and dtype, or None."""
-    op = _FUSED_OPS.get(device.type)
-    if op is None or dtype not in _FUSED_DTYPES or not all(type(param) in _PLAIN_TENSORS for param in params):
+def _fused_lamb_op(device: torch.device, *tensor_lists: list[Tensor]) -> Callable[..., Tensor] | None:
+    """The fused ``lamb_`` that steps these lists of one device and dtype (params first), or None."""
+    fused = _FUSED_OPS.get(device.type)
+    if fused is None or not tensor_lists[0]:
         return None
-    if device.type == "cuda" and not all(param.is_contiguous() for param in params):
-        return None  # the Triton kernels read flat memory
-    return op
+    op, steps = fused
+    return op if steps(*tensor_lists) else None
 
 
 def _fused_lamb(
