@@ -299,10 +299,16 @@ def test_an_adapted_lamb_state_dict_is_adamw_state():
 
 def test_lamb_settings_survive_its_own_state_dict():
     params = [nn.Parameter(p) for p in _tensors(torch.float32)]
-    optimizer = LAMB(params, trust_coef=0.5, trust_clip=True, always_adapt=True)
-    other = LAMB([nn.Parameter(p) for p in _tensors(torch.float32)])
-    other.load_state_dict(optimizer.state_dict())
+    optimizer = LAMB(params, lr=0.01, trust_coef=0.5, trust_clip=True, always_adapt=True, max_grad_norm=0.5)
+    _train(optimizer, params, range(2))
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    other = LAMB(twins, lr=0.01)
+    other.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # torch loads the very tensors otherwise
     assert other.param_groups[0]["trust_coef"] == 0.5 and other.param_groups[0]["trust_clip"]
+    _train(optimizer, params, range(2, 4))
+    _train(other, twins, range(2, 4))
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------

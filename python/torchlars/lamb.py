@@ -268,7 +268,8 @@ class LAMB(Optimizer):
         ratios = []
         with torch.no_grad():
             gathered = [self._gather_group(group) for group in self.param_groups]
-            max_grad_norm = self.defaults["max_grad_norm"]
+            # One value for all groups (add_param_group sees to it); a loaded state dict's, if any.
+            max_grad_norm = self.param_groups[0]["max_grad_norm"]
             if max_grad_norm is not None:
                 grad_scale = clipped_grad_scale(
                     [grad for _, grads, *_ in gathered for grad in grads], max_grad_norm, grad_scale
