@@ -184,6 +184,23 @@ def test_foreach_and_single_tensor_agree():
             torch.testing.assert_close(opt_a.state[p][key], opt_b.state[q][key], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(max_grad_norm=1.0, lr=torch.tensor(0.01), trust_clip=True)])
+def test_a_foreach_step_dispatches_as_many_operators_for_64_parameters_as_for_4(options):
+    from kernel_count import count_kernels
+
+    def operators(count):
+        generator = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(3 + i % 5, 2, generator=generator)) for i in range(count)]
+        optimizer = LAMB(_groups(params, "one"), **options, foreach=True)
+        for step in range(2):  # the first step makes the state, one tensor at a time
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            ops = count_kernels(optimizer.step).ops
+        return ops
+
+    assert operators(4) == operators(64)
+
+
 def test_trust_ratios_are_those_of_adapted_parameters():
     params = [nn.Parameter(p) for p in _tensors(torch.float32)]
     groups = _groups(params, "groups")
