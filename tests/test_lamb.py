@@ -493,6 +493,18 @@ def test_fused_true_refuses_what_no_fused_kernel_steps_by_position():
     assert len(optimizer.param_groups) == 1
 
 
+def test_functional_fused_true_refuses_a_bucket_before_stepping_any():
+    cpu = [torch.ones(2)]
+    meta = [torch.ones(2, device="meta")]
+    steps = [torch.zeros(()), torch.zeros((), device="meta")]
+    with pytest.raises(RuntimeError, match="fused=True .* on meta"):
+        lamb(cpu + meta, [torch.ones(2), torch.ones(2, device="meta")], [torch.zeros(2), torch.zeros(2, device="meta")],
+             [torch.zeros(2), torch.zeros(2, device="meta")], steps, fused=True, lr=0.01, beta1=0.9, beta2=0.999,
+             eps=1e-6, weight_decay=0.01, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
+             bias_correction=True, maximize=False)
+    assert torch.equal(cpu[0], torch.ones(2)) and steps[0].item() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # What a transformers Trainer builds
 

@@ -323,7 +323,7 @@ def _skipped_on_host(found_inf: Tensor | None) -> bool:
     )
 
 
-def clipped_grad_scale(grads: list[Tensor], max_grad_norm: float, grad_scale: Tensor | None) -> Tensor:
+def clipped_grad_scale(grads: list[Tensor], max_grad_norm: float, grad_scale: Tensor | None) -> Tensor | None:
     r"""What to divide every gradient by: ``grad_scale`` (GradScaler's, or 1) times timm's global
     clip :math:`\max(\|G\|_2 / c, 1)`, with :math:`\|G\|_2` the norm of all the unscaled gradients.
 
@@ -398,33 +398,36 @@ def lamb(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_coef=trust_coef,
         trust_eps=trust_eps, trust_clip=trust_clip, adapt=adapt, bias_correction=bias_correction, maximize=maximize,
     )
+    buckets = [
+        (device, tensors, _fused_lamb_op(device, *tensors[:4]) if fused or (fused is None and foreach is None) else None)
+        for (device, _), (tensors, _) in grouped_by_device_and_dtype(
+            [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+        ).items()
+    ]
+    for device, (bucket_params, *_), op in buckets:  # every bucket is refused before any steps
+        if op is None and fused:
+            raise RuntimeError(
+                f"lamb: fused=True steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and CUDA "
+                f"tensors with torchlars._triton.lamb_ where installed, got {type(bucket_params[0]).__name__} "
+                f"tensors of {bucket_params[0].dtype} on {device}"
+            )
     ratios = []
-    grouped = grouped_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    for (device, dtype), ((bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), _) in (
-        grouped.items()
-    ):
-        tensors = (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps)
+    for device, tensors, op in buckets:
         amp = dict(
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
         )
+        steps = tensors[4]
         # As torch's fused AdamW: the steps count first, and a step GradScaler skips takes it back.
-        torch._foreach_add_(bucket_steps, 1)
-        op = _fused_lamb_op(device, *tensors[:4]) if fused or (fused is None and foreach is None) else None
+        torch._foreach_add_(steps, 1)
         if op is not None:
             bucket_ratios = _fused_lamb(op, *tensors, **amp, **settings)
-        elif fused:
-            raise RuntimeError(
-                f"lamb: fused=True steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and CUDA "
-                f"tensors with torchlars._triton.lamb_ where installed, got {type(bucket_params[0]).__name__} "
-                f"tensors of {dtype} on {device}"
-            )
         else:
             implementation = _single_tensor_lamb if foreach is False else _multi_tensor_lamb
             bucket_ratios = _unless_found_inf(implementation, *tensors, **amp, **settings)
         if amp["found_inf"] is not None:
-            torch._foreach_sub_(bucket_steps, [amp["found_inf"]] * len(bucket_steps))
-        ratios.append((bucket_params, bucket_ratios))
+            torch._foreach_sub_(steps, [amp["found_inf"]] * len(steps))
+        ratios.append((tensors[0], bucket_ratios))
     return ratios
 
 
