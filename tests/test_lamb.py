@@ -400,6 +400,51 @@ def test_torch_amp_grad_scaler_skips_an_overflowing_step():
     assert all(state["step"].item() == 1 for state in optimizer.state_dict()["state"].values())
 
 
+def test_torch_amp_grad_scaler_steps_like_unscaled_gradients():
+    # On the fused path GradScaler hands its scale to the step; elsewhere it unscales first.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    optimizer, plain = LAMB(model.parameters(), lr=0.01), LAMB(twin.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        x = torch.randn(5, 4)
+        optimizer.zero_grad()
+        plain.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        twin(x).square().mean().backward()
+        scaler.step(optimizer)
+        scaler.update()
+        plain.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_closure_deepcopy_and_pickle():
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = LAMB(model.parameters(), lr=0.01)
+    x = torch.randn(5, 4)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss_before = model(x).square().mean()
+    torch.testing.assert_close(optimizer.step(closure).detach(), loss_before)
+    assert set(optimizer.trust_ratios()) == {model.weight, model.bias}
+    for copied in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert copied.trust_ratios() == {}
+        copied_group, group = copied.param_groups[0], optimizer.param_groups[0]
+        assert all(copied_group[name] == group[name] for name in optimizer.defaults)
+        torch.testing.assert_close(copied.state_dict()["state"], optimizer.state_dict()["state"])
+
+
 def test_step_on_the_meta_device_never_syncs():
     params = [nn.Parameter(p) for p in _tensors(torch.float32, "meta")]
     optimizer = LAMB(_groups(params, "groups"), lr=torch.tensor(0.01, device="meta"), max_grad_norm=1.0,
