@@ -1,9 +1,10 @@
 """torchlars: Layer-wise Adaptive Rate Scaling (LARS) for PyTorch, in Python and C++."""
 
+from torchlars.lamb import LAMB
 from torchlars.lars import LARS, exclude_bias_and_norm, named_trust_ratios
 from torchlars.lars_sgd import LARSSGD
 
-__all__ = ["LARS", "LARSSGD", "exclude_bias_and_norm", "named_trust_ratios", "__version__"]
+__all__ = ["LAMB", "LARS", "LARSSGD", "exclude_bias_and_norm", "named_trust_ratios", "__version__"]
 __version__ = "0.2.0"
 
 

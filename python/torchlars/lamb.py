@@ -1,0 +1,638 @@
+"""``LAMB``: layer-wise adaptive moments, built from params like every ``torch.optim`` optimizer.
+
+Laid out as ``torch/optim/adamw.py``: the class validates its arguments and gathers the tensors,
+:func:`lamb` picks an implementation per bucket of one device and dtype, and the implementations
+sit side by side: liblars's fused CPU operator or the Triton kernels (:func:`_fused_lamb`),
+``torch._foreach_*`` ops (:func:`_multi_tensor_lamb`), one parameter at a time
+(:func:`_single_tensor_lamb`). All take the same arguments and return the trust ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from torchlars._distributed import sharding_problem
+from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms
+from torchlars._optimizer import (
+    evaluate_closure,
+    forget_trust_ratios,
+    position,
+    prepare_trust_ratio_record,
+    record_trust_ratios,
+    trust_ratios_of,
+)
+
+__all__ = ["LAMB", "lamb"]
+
+
+class LAMB(Optimizer):
+    r"""LAMB (You et al., 2019): Adam's step with decoupled weight decay, scaled per layer by a trust ratio.
+
+    Implements `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
+    <https://arxiv.org/abs/1904.00962>`_ as timm's ``Lamb`` and NVIDIA apex's ``FusedLAMB`` compute
+    it. For every parameter :math:`w` with gradient :math:`g` at step :math:`t`, with learning rate
+    :math:`\gamma`, betas :math:`\beta_1, \beta_2`, weight decay :math:`\lambda` and trust
+    coefficient :math:`\eta`:
+
+    .. math::
+        g &\leftarrow g / \max(\|G\|_2 / c, 1) \qquad \text{only with max\_grad\_norm } c
+            \text{ (}G\text{: all gradients of all groups)} \\
+        g &\leftarrow -g \qquad \text{only with maximize} \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \hat m &= m / (1 - \beta_1^t) \qquad \hat v = v / (1 - \beta_2^t)
+            \qquad (\hat m = m,\ \hat v = v \text{ without bias\_correction}) \\
+        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda w \\
+        r &= \begin{cases}
+            \eta \, \|w\|_2 / (\|u\|_2 + \epsilon_r) & \text{if } \|w\|_2 > 0 \text{ and } \|u\|_2 > 0 \\
+            1 & \text{otherwise}
+        \end{cases} \\
+        r &\leftarrow \min(r, 1) \qquad \text{only with trust\_clip} \\
+        w &\leftarrow w - \gamma \, r \, u
+
+    A group is adapted (:math:`r` as above) if its ``weight_decay`` is non-zero or ``always_adapt``
+    is set, and it is not ``"lars_exclude": True``; any other group steps with :math:`r = 1`, which
+    is ``torch.optim.AdamW``'s step. So the no-decay group a transformers ``Trainer`` builds
+    (biases, LayerNorm) is plain AdamW, as with timm and apex. Norms are accumulated in fp32
+    (fp64 for fp64 parameters); nothing in a step waits on the device.
+
+    The state is ``torch.optim.AdamW``'s (``step``, ``exp_avg``, ``exp_avg_sq``), so the state dicts
+    of the two load into each other. Being an ordinary ``Optimizer`` class, it can be built by tools
+    that take a class and its options: transformers' ``Trainer(optimizer_cls_and_kwargs=(LAMB,
+    {...}))``, Lightning CLI, Hydra's ``_target_``, ``ZeroRedundancyOptimizer(optimizer_class=LAMB)``.
+
+    Args:
+        params: parameters or param groups; a group may set any option below but ``max_grad_norm``,
+            and ``"lars_exclude": True`` to step as AdamW.
+        lr: :math:`\gamma`, a float or a one-element tensor (which LR schedulers change in place,
+            so a compiled step is not recompiled) (default: 1e-3).
+        betas: :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps: :math:`\epsilon`, added to :math:`\sqrt{\hat v}` as in timm, apex and torch's AdamW
+            (default: 1e-6, timm's and apex's).
+        weight_decay: :math:`\lambda`, decoupled: added to the Adam step, inside the trust ratio
+            (default: 0.01).
+        trust_coef: :math:`\eta` (default: 1.0, as in the paper, timm, apex and optax).
+        trust_eps: :math:`\epsilon_r`, added to :math:`\|u\|_2` (default: 0.0, as timm and apex;
+            optax.lamb's ``eps`` inside its ``scale_by_trust_ratio`` is 0 too).
+        trust_clip: clip :math:`r` at 1, LAMBC (Fong et al., 2020), timm's ``trust_clip`` (default: False).
+        always_adapt: adapt groups without weight decay too, timm's ``always_adapt`` and apex's
+            ``use_nvlamb=True``; optax.lamb adapts every parameter (default: False).
+        bias_correction: Adam's bias correction, as timm's and apex's ``bias_correction`` (default: True).
+        max_grad_norm: divide every gradient by :math:`\max(\|G\|_2 / c, 1)` first, timm's
+            ``max_grad_norm`` (whose default is 1.0) and apex's; one value for the whole optimizer,
+            computed without a host sync (default: None, no clipping).
+        maximize: maximise the objective instead (default: False).
+        foreach: ``torch._foreach_*`` ops (True), one parameter at a time (False), or chosen with
+            ``fused`` (None, the default).
+        fused: liblars's fused operator ``torch.ops.torchlars.lamb_`` for CPU tensors and the Triton
+            kernels for CUDA tensors, where they are installed (True refuses, by name, a parameter
+            neither steps). None (the default) takes them wherever they run and ``torch._foreach_*``
+            ops elsewhere. With them, ``torch.amp.GradScaler`` unscales inside the step and skips
+            an overflowing step without waiting for the device.
+
+    ``trust_ratios()`` returns the ratio of the last step of every adapted parameter.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        trust_coef: float = 1.0,
+        trust_eps: float = 0.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        bias_correction: bool = True,
+        max_grad_norm: float | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("LAMB: a tensor `lr` must have one element")
+        # (The value of an lr on a device is not read: that would wait for it, or fail on meta.)
+        if (not isinstance(lr, Tensor) or lr.device.type == "cpu") and not lr >= 0.0:
+            raise ValueError(f"LAMB: `lr` must be non-negative, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"LAMB: `betas` must be two numbers in [0, 1), got {betas}")
+        for name, value in (("eps", eps), ("weight_decay", weight_decay), ("trust_coef", trust_coef),
+                            ("trust_eps", trust_eps)):
+            if not value >= 0.0:
+                raise ValueError(f"LAMB: `{name}` must be non-negative, got {value}")
+        if max_grad_norm is not None and not max_grad_norm > 0.0:
+            raise ValueError(f"LAMB: `max_grad_norm` must be positive or None, got {max_grad_norm}")
+        if fused and foreach:
+            raise ValueError("LAMB: `fused=True` and `foreach=True` cannot be set together")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "trust_coef": trust_coef,
+            "trust_eps": trust_eps,
+            "trust_clip": trust_clip,
+            "always_adapt": always_adapt,
+            "bias_correction": bias_correction,
+            "max_grad_norm": max_grad_norm,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+        prepare_trust_ratio_record(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("max_grad_norm", self.defaults["max_grad_norm"]) != self.defaults["max_grad_norm"]:
+            raise ValueError(
+                "LAMB: `max_grad_norm` clips the global norm of all gradients, one value for the optimizer: "
+                "set it in the constructor, not in a param group"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _load_fused_ops(group["params"])
+        if group["fused"]:
+            for param in group["params"]:
+                if _fused_lamb_op(param.device, [param]) is None:
+                    where = position(param, group, self.param_groups)
+                    self.param_groups.pop()
+                    raise RuntimeError(
+                        f"LAMB: `fused=True` steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and "
+                        f"CUDA tensors with torchlars._triton.lamb_, where installed; neither steps {where}, a "
+                        f"{type(param).__name__} of {param.dtype} on {param.device}. Use fused=None or foreach=True."
+                    )
+        # GradScaler hands grad_scale and found_inf to the step instead of unscaling and checking
+        # for infs itself with a host sync, where the fused kernels step everything. (Every path
+        # takes them; the others would only be slower than GradScaler's own unscaling.)
+        all_params = [param for group in self.param_groups for param in group["params"]]
+        self._step_supports_amp_scaling = bool(self.defaults["fused"]) or (
+            self.defaults["fused"] is None
+            and self.defaults["foreach"] is None
+            and all(
+                _fused_lamb_op(device, bucket) is not None
+                for (device, _), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
+            )
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``LAMB`` or ``torch.optim.AdamW``. The settings an AdamW state dict
+        lacks (``trust_coef``, ``"lars_exclude"``, ...) stay those of this optimizer's groups."""
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [
+            {**{name: value for name, value in group.items() if name != "params"}, **saved}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])
+        ] + state_dict["param_groups"][len(self.param_groups):]  # a length mismatch is refused by torch
+        super().load_state_dict(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A group without some of LAMB's settings (e.g. unpickled from an older torchlars): the defaults.
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+        prepare_trust_ratio_record(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        forget_trust_ratios(state)
+        return state
+
+    def trust_ratios(self) -> dict[Tensor, Tensor]:
+        """The trust ratio of the last step of every adapted parameter that had a gradient then.
+
+        0-d fp32 tensors on the parameters' devices (fp64 for fp64 parameters), the values the
+        step used; reading them is the caller's sync. Empty before the first step.
+        """
+        return trust_ratios_of(self)
+
+    def _gather_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+        """The parameters of ``group`` that have a gradient, their gradients, moments and steps
+        (made on a first step, as torch.optim.AdamW makes them). (Not named ``_init_group``:
+        dynamo runs a method of that name as torch's own optimizers define it.)"""
+        params = [param for param in group["params"] if param.grad is not None]
+        exp_avgs, exp_avg_sqs, state_steps = [], [], []
+        for param in params:
+            state = self.state[param]
+            if len(state) == 0:
+                # On the parameter's device, as torch's fused AdamW keeps it: the bias correction
+                # is then a device computation, with no host sync.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            elif state["step"].device != param.device:
+                # A step kept on the CPU by a non-fused torch.optim.AdamW whose state dict was loaded.
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return params, [param.grad for param in params], exp_avgs, exp_avg_sqs, state_steps
+
+    def _check_grads(self, group: dict[str, Any]) -> None:
+        """Refuse, naming the parameter, a gradient LAMB cannot step; nothing is modified yet."""
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(
+                    f"LAMB does not support sparse gradients (its moments are dense): "
+                    f"{position(param, group, self.param_groups)} has one. Use a dense gradient "
+                    "(e.g. nn.Embedding(sparse=False)), or torch.optim.SparseAdam for that parameter."
+                )
+            problem = _adapted(group) and sharding_problem(param)
+            if problem:
+                raise RuntimeError(f"LAMB cannot step {position(param, group, self.param_groups)}: {problem}")
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LAMB step of every param group.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first (with grad
+                enabled), so the gradients it produces are the ones stepped on.
+        """
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:  # every gradient is checked before anything changes
+            self._check_grads(group)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if _skipped_on_host(found_inf):
+            return loss
+        ratios = []
+        with torch.no_grad():
+            gathered = [self._gather_group(group) for group in self.param_groups]
+            # One value for all groups (add_param_group sees to it); a loaded state dict's, if any.
+            max_grad_norm = self.param_groups[0]["max_grad_norm"]
+            if max_grad_norm is not None:
+                grad_scale = clipped_grad_scale(
+                    [grad for _, grads, *_ in gathered for grad in grads], max_grad_norm, grad_scale
+                )
+            for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, gathered):
+                beta1, beta2 = group["betas"]
+                group_ratios = lamb(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    state_steps,
+                    foreach=group["foreach"],
+                    fused=group["fused"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    trust_coef=group["trust_coef"],
+                    trust_eps=group["trust_eps"],
+                    trust_clip=group["trust_clip"],
+                    adapt=_adapted(group),
+                    bias_correction=group["bias_correction"],
+                    maximize=group["maximize"],
+                )
+                if _adapted(group):
+                    ratios += group_ratios
+        record_trust_ratios(self, ratios)
+        return loss
+
+
+def _adapted(group: dict[str, Any]) -> bool:
+    """Whether LAMB scales the group's step by trust ratios (else it is AdamW's step)."""
+    return not group.get("lars_exclude", False) and (group["weight_decay"] != 0 or group["always_adapt"])
+
+
+def _skipped_on_host(found_inf: Tensor | None) -> bool:
+    """Whether GradScaler found an inf in an eager CPU step: then the whole step is skipped.
+
+    Reading a CPU flag is no device sync; elsewhere (and under torch.compile) the step runs and
+    leaves everything as it was (the fused kernels skip, the others restore).
+    """
+    return (
+        found_inf is not None
+        and found_inf.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(found_inf.item())
+    )
+
+
+def clipped_grad_scale(grads: list[Tensor], max_grad_norm: float, grad_scale: Tensor | None) -> Tensor | None:
+    r"""What to divide every gradient by: ``grad_scale`` (GradScaler's, or 1) times timm's global
+    clip :math:`\max(\|G\|_2 / c, 1)`, with :math:`\|G\|_2` the norm of all the unscaled gradients.
+
+    A 0-d fp32 tensor (fp64 if some gradient is fp64) on the first gradient's device; the norms are
+    summed per device and dtype, in fp32 or wider. Tensor ops only: nothing waits on the device.
+    """
+    if not grads:
+        return grad_scale
+    device = grads[0].device
+    sums_of_squares = [
+        norms(bucket, dtype).square().sum().to(device)
+        for (_, dtype), ((bucket,), _) in grouped_by_device_and_dtype([grads]).items()
+    ]
+    dtype = torch.float64 if any(total.dtype == torch.float64 for total in sums_of_squares) else torch.float32
+    global_norm = torch.stack([total.to(dtype) for total in sums_of_squares]).sum().sqrt()
+    if grad_scale is not None:
+        global_norm = global_norm / grad_scale.to(device)
+    clip = torch.clamp(global_norm / max_grad_norm, min=1.0)
+    return clip if grad_scale is None else clip * grad_scale.to(device)
+
+
+def lamb_trust_ratio(param_norms: Tensor, update_norms: Tensor, *, trust_coef: float, trust_eps: float,
+                     trust_clip: bool) -> Tensor:
+    r""":math:`r = \eta \|w\| / (\|u\| + \epsilon_r)`, 1 unless both norms are > 0, clipped at 1 with
+    ``trust_clip``: the ratio of :class:`LAMB`, in tensor ops (no host sync)."""
+    ratios = trust_coef * param_norms / (update_norms + trust_eps)
+    ratios = torch.where((param_norms > 0) & (update_norms > 0), ratios, torch.ones_like(ratios))
+    if trust_clip:
+        ratios = torch.clamp(ratios, max=1.0)
+    return ratios
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_coef: float,
+    trust_eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    bias_correction: bool,
+    maximize: bool,
+) -> list[tuple[list[Tensor], Tensor]]:
+    r"""One LAMB step of the parameters of one param group, with the formula of :class:`LAMB`.
+
+    ``state_steps`` are 0-d fp32 tensors on the parameters' devices, incremented here.
+    ``grad_scale`` divides every gradient (GradScaler's scale, with ``max_grad_norm``'s clip
+    folded in: :func:`clipped_grad_scale`); a non-zero ``found_inf`` leaves everything as it was.
+    ``adapt=False`` steps with :math:`r = 1` (AdamW). ``grads`` are left as they are.
+
+    Per bucket (device and dtype): ``fused=True`` takes the fused operator (liblars's for CPU
+    tensors, Triton's for CUDA tensors) and refuses a bucket neither steps; ``fused=None`` and
+    ``foreach=None`` take it where it runs and ``torch._foreach_*`` ops elsewhere;
+    ``foreach=True`` takes the foreach ops, ``foreach=False`` one parameter at a time. Returns,
+    per bucket, the parameters and their ratios (fp32; fp64 for fp64 parameters).
+    """
+    if not params:
+        return []
+    settings = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_coef=trust_coef,
+        trust_eps=trust_eps, trust_clip=trust_clip, adapt=adapt, bias_correction=bias_correction, maximize=maximize,
+    )
+    buckets = [
+        (device, tensors, _fused_lamb_op(device, *tensors[:4]) if fused or (fused is None and foreach is None) else None)
+        for (device, _), (tensors, _) in grouped_by_device_and_dtype(
+            [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+        ).items()
+    ]
+    for device, (bucket_params, *_), op in buckets:  # every bucket is refused before any steps
+        if op is None and fused:
+            raise RuntimeError(
+                f"lamb: fused=True steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and CUDA "
+                f"tensors with torchlars._triton.lamb_ where installed, got {type(bucket_params[0]).__name__} "
+                f"tensors of {bucket_params[0].dtype} on {device}"
+            )
+    ratios = []
+    for device, tensors, op in buckets:
+        amp = dict(
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )
+        steps = tensors[4]
+        # As torch's fused AdamW: the steps count first, and a step GradScaler skips takes it back.
+        torch._foreach_add_(steps, 1)
+        if op is not None:
+            bucket_ratios = _fused_lamb(op, *tensors, **amp, **settings)
+        else:
+            implementation = _single_tensor_lamb if foreach is False else _multi_tensor_lamb
+            bucket_ratios = _unless_found_inf(implementation, *tensors, **amp, **settings)
+        if amp["found_inf"] is not None:
+            torch._foreach_sub_(steps, [amp["found_inf"]] * len(steps))
+        ratios.append((tensors[0], bucket_ratios))
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------
+# The fused kernels: liblars's CPU operator, the Triton kernels for CUDA tensors
+
+# What liblars's operator steps: plain tensors (a DTensor's norm is not its local shard's) of these dtypes.
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+# Per device type, the fused ``lamb_`` and what says whether it steps a bucket's lists, or None;
+# filled by _load_fused_ops when an optimizer is built (a compiled step cannot import).
+_FUSED_OPS: dict[str, tuple[Callable[..., Tensor], Callable[..., bool]] | None] = {}
+
+
+def _cpu_steps(params: list[Tensor], *others: list[Tensor]) -> bool:
+    return params[0].dtype in _CPU_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
+
+
+def _load_fused_ops(params: list[Tensor]) -> None:
+    """Look up the fused ``lamb_`` for the device types of ``params``, once per type."""
+    for device_type in {param.device.type for param in params} - _FUSED_OPS.keys():
+        fused = None
+        if device_type == "cpu" and importlib.util.find_spec("torchlars._C") is not None:
+            importlib.import_module("torchlars.ops")  # loads liblars: torch.ops.torchlars and its fake kernels
+            if hasattr(torch.ops.torchlars, "lamb_"):
+                fused = (torch.ops.torchlars.lamb_, _cpu_steps)
+        elif device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+            kernels = importlib.import_module("torchlars._triton")
+            if hasattr(kernels, "lamb_"):
+                fused = (kernels.lamb_, kernels.steps)  # steps: plain contiguous tensors of its dtypes
+        _FUSED_OPS[device_type] = fused
+
+
+def _fused_lamb_op(device: torch.device, *tensor_lists: list[Tensor]) -> Callable[..., Tensor] | None:
+    """The fused ``lamb_`` that steps these lists of one device and dtype (params first), or None."""
+    fused = _FUSED_OPS.get(device.type)
+    if fused is None or not tensor_lists[0]:
+        return None
+    op, steps = fused
+    return op if steps(*tensor_lists) else None
+
+
+def _fused_lamb(
+    op: Callable[..., Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    **settings: Any,
+) -> Tensor:
+    """``lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, ...)`` of liblars or Triton:
+    two passes, the moments and both norms, then the weights. ``lr`` reaches it as a tensor (fp64 on
+    the CPU for a float), so a changing ``lr`` recompiles nothing."""
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(lr, dtype=torch.float64)
+    return op(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, **settings)
+
+
+# ---------------------------------------------------------------------------------------
+# torch._foreach_* ops, and one parameter at a time
+
+
+def _unless_found_inf(
+    implementation: Callable[..., Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    found_inf: Tensor | None,
+    **settings: Any,
+) -> Tensor:
+    """``implementation``'s step, undone where ``found_inf`` is non-zero (on a GPU or compiled: an
+    eager CPU step GradScaler skips returns before). Tensor ops: nothing waits on the device."""
+    if found_inf is None:
+        return implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, **settings)
+    stepped = [*params, *exp_avgs, *exp_avg_sqs]
+    before = [tensor.clone() for tensor in stepped]
+    ratios = implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, **settings)
+    skip = found_inf != 0
+    for tensor, old in zip(stepped, before):
+        tensor.copy_(torch.where(skip, old, tensor))
+    return ratios
+
+
+def _bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r""":math:`1 - \beta_1^t` and :math:`\sqrt{1 - \beta_2^t}` per step, computed in fp64 (as torch's
+    fused AdamW computes them; in fp32, :math:`1 - 0.999^t` loses 1e-5 of itself; MPS has no fp64)
+    and given in ``dtype``."""
+    steps = torch.stack(state_steps).to(torch.float32 if state_steps[0].device.type == "mps" else torch.float64)
+    return (1 - beta1**steps).to(dtype), (1 - beta2**steps).sqrt().to(dtype)
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_scale: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_coef: float,
+    trust_eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    bias_correction: bool,
+    maximize: bool,
+) -> Tensor:
+    """:func:`lamb` in ``torch._foreach_*`` ops for tensors of one device and dtype, a fixed number
+    of ops whatever their count; returns their ratios."""
+    dtype = params[0].dtype
+    ratio_dtype = norm_dtype(dtype) or dtype
+    # New tensors from here on: the caller's gradients stay as they are.
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, -grad_scale if maximize else grad_scale)
+    elif maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        bias_correction1, bias_correction2_sqrt = _bias_corrections(state_steps, beta1, beta2, ratio_dtype)
+        torch._foreach_div_(denominators, bias_correction2_sqrt.unbind(0))
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, bias_correction1.unbind(0))
+        torch._foreach_div_(updates, denominators)
+    else:
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if adapt:
+        ratios = lamb_trust_ratio(
+            norms(params, dtype), norms(updates, dtype), trust_coef=trust_coef, trust_eps=trust_eps,
+            trust_clip=trust_clip,
+        )
+        # lr and the ratio in one tensor per parameter (alpha=<tensor> would wait on the device).
+        torch._foreach_mul_(updates, (ratios * -lr).unbind(0))
+        torch._foreach_add_(params, updates)
+        return ratios
+    if isinstance(lr, Tensor):
+        torch._foreach_mul_(updates, -lr)
+        torch._foreach_add_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+    return torch.ones(len(params), dtype=ratio_dtype, device=params[0].device)
+
+
+def _single_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_scale: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_coef: float,
+    trust_eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    bias_correction: bool,
+    maximize: bool,
+) -> Tensor:
+    """:func:`lamb` one parameter at a time (``foreach=False``), for tensors of one device and
+    dtype; returns their ratios."""
+    ratio_dtype = norm_dtype(params[0].dtype) or params[0].dtype
+    ratios = []
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        if grad_scale is not None:
+            grad = grad / grad_scale
+        if maximize:
+            grad = -grad
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if bias_correction:
+            bias_correction1, bias_correction2_sqrt = _bias_corrections([step], beta1, beta2, ratio_dtype)
+            update = (exp_avg / bias_correction1[0]) / (exp_avg_sq.sqrt() / bias_correction2_sqrt[0] + eps)
+        else:
+            update = exp_avg / (exp_avg_sq.sqrt() + eps)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+        if adapt:
+            ratio = lamb_trust_ratio(
+                torch.linalg.vector_norm(param, dtype=norm_dtype(param.dtype)),
+                torch.linalg.vector_norm(update, dtype=norm_dtype(update.dtype)),
+                trust_coef=trust_coef, trust_eps=trust_eps, trust_clip=trust_clip,
+            )
+            param.add_(update * (ratio * -lr))
+        else:
+            ratio = torch.ones((), dtype=ratio_dtype, device=param.device)
+            param.add_(update * -lr)
+        ratios.append(ratio)
+    return torch.stack(ratios)
