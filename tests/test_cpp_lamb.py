@@ -229,7 +229,7 @@ def _lamb_steps_on(inputs):
     """Three operator steps in fp32, bf16 and fp64 from (params, grads): every result."""
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        params, grads = ([t.to(dtype) for t in tensors] for tensors in inputs)
+        params, grads = ([t.to(dtype, copy=True) for t in tensors] for tensors in inputs)
         exp_avgs = [torch.zeros_like(p) for p in params]
         exp_avg_sqs = [torch.zeros_like(p) for p in params]
         for step in range(1, 4):
