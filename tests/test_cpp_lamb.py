@@ -223,3 +223,58 @@ def test_cpp_lamb_records_ratios_of_adapted_groups_only():
 def test_cpp_lamb_refuses_bad_options_by_name(options, error, message):
     with pytest.raises(error, match=message):
         cpp.LAMB([torch.zeros(2)], **options)
+
+
+def _lamb_steps_on(inputs):
+    """Three operator steps in fp32, bf16 and fp64 from (params, grads): every result."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        params, grads = ([t.to(dtype, copy=True) for t in tensors] for tensors in inputs)
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        for step in range(1, 4):
+            ratios = ops.lamb_(
+                params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], lr=0.01,
+                beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False,
+                adapt=True, bias_correction=True, maximize=False, grad_scale=torch.tensor(3.0))
+        out += params + exp_avgs + exp_avg_sqs + [ratios]
+    return out
+
+
+def test_every_cpu_capability_gives_the_same_bits(tmp_path):
+    # As the LARS kernel (tests/test_ops.py): the default, AVX2 and AVX-512 builds of the loops
+    # sum in the same lanes without fused multiply-adds, so they give the same numbers.
+    import os
+    import subprocess
+    import sys
+
+    generator = torch.Generator().manual_seed(0)  # made here: torch.randn depends on the capability
+    params = [torch.randn(shape, generator=generator) * 3 for shape in SHAPES]
+    inputs = [params, [torch.randn(p.shape, generator=generator) * 0.1 for p in params]]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    native = _lamb_steps_on(inputs)
+    run = ("import sys, torch; sys.path.insert(0, sys.argv[3]); from test_cpp_lamb import _lamb_steps_on; "
+           "torch.save(_lamb_steps_on(torch.load(sys.argv[1])), sys.argv[2])")
+    for capability in ("default", "avx2"):
+        path = tmp_path / f"{capability}.pt"
+        subprocess.run([sys.executable, "-c", run, str(tmp_path / "inputs.pt"), str(path), os.path.dirname(__file__)],
+                       env=dict(os.environ, ATEN_CPU_CAPABILITY=capability), check=True)
+        for actual, expected in zip(torch.load(path), native):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_step_does_not_depend_on_the_thread_count():
+    # The norms' partial sums are added in an order fixed by the sizes; each chunk's u is kept
+    # at its own place of the batch's scratch whichever thread makes it.
+    inputs = [[torch.randn(shape) * 3 for shape in SHAPES + [(5 * 2**14 + 3,)]]]
+    inputs.append([torch.randn(p.shape) * 0.1 for p in inputs[0]])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _lamb_steps_on(inputs)
+        torch.set_num_threads(2)
+        two = _lamb_steps_on(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

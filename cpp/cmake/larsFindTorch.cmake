@@ -1,17 +1,13 @@
 # lars_find_torch(): the `torch` target for liblars and its users, from any torch wheel.
 #
-# find_package(Torch) of a CUDA build of torch (the default wheel on Linux) insists on a CUDA
-# toolkit that most users of that wheel do not have, and stops the configure when it finds none
-# ("Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries"). liblars needs
-# only torch's CPU libraries: its operators are composed of ATen ops, which reach the CUDA kernels
-# through the dispatcher at run time. So:
-#   - a CPU build of torch, or a CUDA build with a toolkit of the same major version found in a
-#     standard place (CUDAToolkit_ROOT, CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda):
-#     find_package(Torch), as usual;
-#   - a CUDA build without such a toolkit: an imported `torch` target over torch's CPU libraries
-#     (libtorch, libtorch_cpu, libc10), with the same name and headers, so liblars and its
-#     exported CMake package are the same either way. Never a failure because of CUDA.
-#     -DLARS_FIND_CUDA_TOOLKIT=OFF takes this way even when a toolkit is there.
+# liblars needs only torch's CPU libraries and headers: its operators are composed of ATen ops
+# and CPU kernels, and CUDA tensors reach their kernels through the dispatcher at run time
+# (or take torchlars's Triton kernels, compiled by triton at run time). So:
+#   - a CPU build of torch (or a libtorch archive without CUDA): find_package(Torch), as usual;
+#   - a CUDA build: an imported `torch` target over torch's CPU libraries (libtorch,
+#     libtorch_cpu, libc10) with torch's headers, so that no CUDA toolkit is looked for (torch's
+#     own find_package(Torch) stops the configure without one). liblars and its exported CMake
+#     package are the same either way.
 # Also sets LARS_TORCH_CXX_STANDARD: the C++ standard that torch's headers require (17 up to
 # torch 2.13, 20 from 2.14), read from the check at the top of ATen/ATen.h.
 #
@@ -72,76 +68,16 @@ function(_lars_torch_cuda_version prefix out)
   set(${out} "${_version}" PARENT_SCOPE)
 endfunction()
 
-# Whether find_package(Torch) succeeds with the CUDA toolkit in `root`, tried in a separate
-# CMake run: torch's own CUDA checks end the configure with a FATAL_ERROR, which no caller can catch.
-function(_lars_torch_configures_with root out)
-  set(_probe "${CMAKE_BINARY_DIR}/lars_torch_cuda_probe")
-  file(WRITE "${_probe}/CMakeLists.txt"
-    "cmake_minimum_required(VERSION 3.21)\nproject(probe LANGUAGES CXX)\nfind_package(Torch REQUIRED)\n")
-  execute_process(
-    COMMAND "${CMAKE_COMMAND}" -S "${_probe}" -B "${_probe}/build" "-DTorch_DIR=${_lars_torch_dir}"
-            "-DCUDA_TOOLKIT_ROOT_DIR=${root}" "-DCUDAToolkit_ROOT=${root}"
-    RESULT_VARIABLE _result OUTPUT_QUIET ERROR_QUIET)
-  file(REMOVE_RECURSE "${_probe}")
-  if(_result EQUAL 0)
-    set(${out} TRUE PARENT_SCOPE)
-  else()
-    set(${out} FALSE PARENT_SCOPE)
-  endif()
-endfunction()
-
-# The root of a CUDA toolkit whose major version is `major`, or "".
-function(_lars_cuda_toolkit major out)
-  set(_candidates "${CUDAToolkit_ROOT}" "$ENV{CUDAToolkit_ROOT}" "$ENV{CUDA_HOME}" "$ENV{CUDA_PATH}" /usr/local/cuda)
-  find_program(_lars_nvcc nvcc NO_CACHE)
-  if(_lars_nvcc)
-    get_filename_component(_nvcc_root "${_lars_nvcc}" DIRECTORY)
-    get_filename_component(_nvcc_root "${_nvcc_root}" DIRECTORY)
-    list(APPEND _candidates "${_nvcc_root}")
-  endif()
-  foreach(_root IN LISTS _candidates)
-    if(_root AND EXISTS "${_root}/bin/nvcc")
-      execute_process(COMMAND "${_root}/bin/nvcc" --version OUTPUT_VARIABLE _nvcc_says RESULT_VARIABLE _result)
-      string(REGEX MATCH "release ([0-9]+)\\." _match "${_nvcc_says}")
-      if(_result EQUAL 0 AND (CMAKE_MATCH_1 STREQUAL major OR major STREQUAL "unknown"))
-        _lars_torch_configures_with("${_root}" _configures)
-        if(_configures)
-          set(${out} "${_root}" PARENT_SCOPE)
-          return()
-        endif()
-        message(STATUS "liblars: ignoring the CUDA toolkit in ${_root}: find_package(Torch) fails with it")
-      else()
-        message(STATUS "liblars: ignoring the CUDA toolkit in ${_root} (torch was built with CUDA ${major})")
-      endif()
-    endif()
-  endforeach()
-  set(${out} "" PARENT_SCOPE)
-endfunction()
-
 macro(lars_find_torch)
   if(NOT TARGET torch)
     _lars_torch_dir(_lars_torch_dir)
     get_filename_component(_lars_torch_prefix "${_lars_torch_dir}/../../.." ABSOLUTE)
     _lars_torch_cuda_version("${_lars_torch_prefix}" _lars_torch_cuda)
-    set(_lars_cuda_root "")
-    if(_lars_torch_cuda AND NOT DEFINED LARS_FIND_CUDA_TOOLKIT)
-      set(LARS_FIND_CUDA_TOOLKIT ON)
-    endif()
-    if(_lars_torch_cuda AND LARS_FIND_CUDA_TOOLKIT)
-      string(REGEX MATCH "^[0-9]+|unknown" _lars_cuda_major "${_lars_torch_cuda}")
-      _lars_cuda_toolkit("${_lars_cuda_major}" _lars_cuda_root)
-    endif()
-    if(NOT _lars_torch_cuda OR _lars_cuda_root)
-      if(_lars_cuda_root)
-        message(STATUS "liblars: torch built with CUDA ${_lars_torch_cuda}; CUDA toolkit: ${_lars_cuda_root}")
-        set(CUDA_TOOLKIT_ROOT_DIR "${_lars_cuda_root}")
-        set(CUDAToolkit_ROOT "${_lars_cuda_root}")
-      endif()
+    if(NOT _lars_torch_cuda)
       find_package(Torch REQUIRED PATHS "${_lars_torch_dir}" NO_DEFAULT_PATH)
     else()
-      message(STATUS "liblars: torch built with CUDA ${_lars_torch_cuda} and no matching CUDA toolkit "
-                     "found: building against torch's CPU libraries (CUDA tensors still work through "
-                     "ATen's dispatcher)")
+      message(STATUS "liblars: torch built with CUDA ${_lars_torch_cuda}: building against its CPU "
+                     "libraries, which is all liblars needs (CUDA tensors still work through ATen's dispatcher)")
       set(Torch_DIR "${_lars_torch_dir}")
       set(TORCH_INSTALL_PREFIX "${_lars_torch_prefix}")
       set(TORCH_INCLUDE_DIRS "${_lars_torch_prefix}/include" "${_lars_torch_prefix}/include/torch/csrc/api/include")
@@ -155,8 +91,12 @@ macro(lars_find_torch)
         target_link_libraries(torch INTERFACE lars_torch_${_lib})
       endforeach()
       target_include_directories(torch INTERFACE ${TORCH_INCLUDE_DIRS})
-      file(STRINGS "${_lars_torch_prefix}/version.py" _lars_line REGEX "^__version__")
-      string(REGEX MATCH "[0-9][^'\"]*" Torch_VERSION "${_lars_line}")
+      if(EXISTS "${_lars_torch_prefix}/version.py")
+        file(STRINGS "${_lars_torch_prefix}/version.py" _lars_line REGEX "^__version__")
+        string(REGEX MATCH "[0-9][^'\"]*" Torch_VERSION "${_lars_line}")
+      else()  # a libtorch archive
+        file(STRINGS "${_lars_torch_prefix}/build-version" Torch_VERSION LIMIT_COUNT 1)
+      endif()
       set(Torch_FOUND TRUE)
     endif()
   endif()

@@ -1,5 +1,7 @@
 #include <lars/lamb.h>
 
+#include <lars/detail/param_groups.h>
+
 #include <lars/functional.h>
 #include <lars/fused.h>
 
@@ -103,12 +105,7 @@ std::string group_name(size_t index) {
 }
 
 const LAMBOptions& options_of(const OptimizerParamGroup& group, size_t index) {
-  TORCH_CHECK_TYPE(group.has_options(), "lars::LAMB: ", group_name(index), " has no options");
-  const auto* options = dynamic_cast<const LAMBOptions*>(&group.options());
-  TORCH_CHECK_TYPE(
-      options != nullptr, "lars::LAMB: the options of ", group_name(index),
-      " are not lars::LAMBOptions; add param groups with LAMBOptions or none (the defaults)");
-  return *options;
+  return detail::options_of<LAMBOptions>(group, index, "lars::LAMB", "lars::LAMBOptions");
 }
 
 // The divisor of every gradient under max_grad_norm: max(|all gradients| / max_grad_norm, 1),
@@ -180,11 +177,7 @@ void LAMB::add_param_group(const OptimizerParamGroup& param_group) {
   if (param_group.has_options()) {
     check_options(options_of(param_group, index), group_name(index));
   }
-  // As LARSSGD::add_param_group: libtorch's gives the group the defaults; its own are set here.
-  Optimizer::add_param_group(OptimizerParamGroup(param_group.params()));
-  if (param_group.has_options()) {
-    param_groups_.back().set_options(param_group.options().clone());
-  }
+  detail::add_param_group_with_options(*this, param_group);
 }
 
 torch::Tensor LAMB::step(LossClosure closure) {

@@ -1,5 +1,7 @@
 #include <lars/lars_sgd.h>
 
+#include <lars/detail/param_groups.h>
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/util/irange.h>
@@ -104,14 +106,8 @@ std::string group_name(size_t index) {
   return "param group " + std::to_string(index);
 }
 
-// The options of a param group, which must be LARSSGDOptions (add_param_group takes any).
 const LARSSGDOptions& options_of(const OptimizerParamGroup& group, size_t index) {
-  TORCH_CHECK_TYPE(group.has_options(), "lars::LARSSGD: ", group_name(index), " has no options");
-  const auto* options = dynamic_cast<const LARSSGDOptions*>(&group.options());
-  TORCH_CHECK_TYPE(
-      options != nullptr, "lars::LARSSGD: the options of ", group_name(index),
-      " are not lars::LARSSGDOptions; add param groups with LARSSGDOptions or none (the defaults)");
-  return *options;
+  return detail::options_of<LARSSGDOptions>(group, index, "lars::LARSSGD", "lars::LARSSGDOptions");
 }
 
 using State = ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>>;
@@ -167,12 +163,7 @@ void LARSSGD::add_param_group(const OptimizerParamGroup& param_group) {
   if (param_group.has_options()) {
     check_options(options_of(param_group, index), group_name(index));
   }
-  // libtorch's add_param_group checks the params, and gives the group the defaults: a group's
-  // own options are merged with those only for libtorch's optimizers, so they are set here.
-  Optimizer::add_param_group(OptimizerParamGroup(param_group.params()));
-  if (param_group.has_options()) {
-    param_groups_.back().set_options(param_group.options().clone());
-  }
+  detail::add_param_group_with_options(*this, param_group);
 }
 
 torch::Tensor LARSSGD::step(LossClosure closure) {

@@ -121,7 +121,87 @@ class LARS:
         self._lars.zero_grad(set_to_none)
 
 
-class LARSSGD:
+class _BuiltFromParams:
+    """What :class:`LARSSGD` and :class:`LAMB` share: a liblars optimizer built from param groups
+    whose options are checked here for their types (their values are checked in C++), with
+    ``step``, ``zero_grad``, ``param_groups`` and ``trust_ratios``."""
+
+    _NAME: str
+    _NUMBERS: tuple[str, ...] = ()
+    _BOOLS: tuple[str, ...] = ()
+    _STRS: tuple[str, ...] = ()
+    _OPTIONAL_NUMBERS: tuple[str, ...] = ()  # numbers or None
+    _PAIRS: tuple[str, ...] = ()  # pairs of numbers
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], build) -> None:
+        self._check_types(defaults, "the defaults")
+        groups = []
+        for index, (tensors, options, excluded) in enumerate(_param_groups(params, self._NAME)):
+            unknown = sorted(set(options) - set(defaults))
+            if unknown:
+                raise TypeError(
+                    f"{self._NAME}: unknown option(s) {unknown} in param group {index}; "
+                    f"its options are {', '.join(defaults)}"
+                )
+            merged = {**defaults, **options, "lars_exclude": excluded}
+            self._check_types(merged, f"param group {index}")
+            groups.append((tensors, merged))
+        self._optimizer = build(param_groups=groups, defaults=defaults)
+
+    @classmethod
+    def _check_types(cls, options: dict[str, Any], where: str) -> None:
+        def is_number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
+        def refuse(name: str, kind: str) -> None:
+            raise TypeError(f"{cls._NAME}: `{name}` ({where}) must be {kind}, got {torch.typename(options[name])}")
+
+        for name in cls._NUMBERS:
+            if not is_number(options[name]):
+                refuse(name, "a number")
+        for name in cls._OPTIONAL_NUMBERS:
+            if options[name] is not None and not is_number(options[name]):
+                refuse(name, "a number or None")
+        for name in cls._BOOLS:
+            if not isinstance(options[name], bool):
+                refuse(name, "a bool")
+        for name in cls._STRS:
+            if not isinstance(options[name], str):
+                refuse(name, "a str")
+        for name in cls._PAIRS:
+            value = options[name]
+            if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_number, value))):
+                refuse(name, "a pair of numbers")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The param groups with all their options, as ``torch.optim``'s (a copy: read, not written)."""
+        return self._optimizer.param_groups()
+
+    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
+        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
+        return self._optimizer.trust_ratios()
+
+    def __repr__(self) -> str:
+        return f"{self._NAME}({len(self.param_groups)} param groups)"
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of every param group, in C++.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs first (with grad
+                enabled), so the gradients it produces are the ones stepped on.
+        """
+        loss = evaluate_closure(closure)
+        self._optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none)
+
+
+class LARSSGD(_BuiltFromParams):
     r"""LARS with momentum SGD, built from params, stepping in C++ (``lars::LARSSGD``).
 
     The same optimizer as :class:`torchlars.LARSSGD` (see its docstring for the formula and
@@ -148,8 +228,10 @@ class LARSSGD:
         ``"decayed"``; ``lr`` a number).
     """
 
-    _FLOATS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coef")
+    _NAME = "torchlars.cpp.LARSSGD"
+    _NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coef")
     _BOOLS = ("nesterov", "maximize", "clip", "lars_exclude")
+    _STRS = ("trust_ratio",)
 
     def __init__(
         self,
@@ -179,69 +261,11 @@ class LARSSGD:
             trust_ratio=trust_ratio,
             lars_exclude=False,
         )
-        self._check_types(defaults, "the defaults")
-        groups = []
-        for index, (tensors, options, excluded) in enumerate(_param_groups(params, "torchlars.cpp.LARSSGD")):
-            unknown = sorted(set(options) - set(defaults))
-            if unknown:
-                raise TypeError(
-                    f"torchlars.cpp.LARSSGD: unknown option(s) {unknown} in param group {index}; "
-                    f"its options are {', '.join(defaults)}"
-                )
-            merged = {**defaults, **options, "lars_exclude": excluded}
-            self._check_types(merged, f"param group {index}")
-            groups.append((tensors, merged))
         # The values themselves (signs, nesterov's needs, trust_ratio) are checked in C++.
-        self._optimizer = _C.LARSSGD(param_groups=groups, defaults=defaults)
-
-    @classmethod
-    def _check_types(cls, options: dict[str, Any], where: str) -> None:
-        for name in cls._FLOATS:
-            value = options[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"torchlars.cpp.LARSSGD: `{name}` ({where}) must be a number, got {torch.typename(value)}"
-                )
-        for name in cls._BOOLS:
-            if not isinstance(options[name], bool):
-                raise TypeError(
-                    f"torchlars.cpp.LARSSGD: `{name}` ({where}) must be a bool, got {torch.typename(options[name])}"
-                )
-        if not isinstance(options["trust_ratio"], str):
-            raise TypeError(
-                f"torchlars.cpp.LARSSGD: `trust_ratio` ({where}) must be a str, "
-                f"got {torch.typename(options['trust_ratio'])}"
-            )
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The param groups with all their options, as ``torch.optim``'s (a copy: read, not written)."""
-        return self._optimizer.param_groups()
-
-    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
-        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
-        return self._optimizer.trust_ratios()
-
-    def __repr__(self) -> str:
-        return f"torchlars.cpp.LARSSGD({len(self.param_groups)} param groups)"
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One LARS step of every param group, in C++.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; it runs first (with grad
-                enabled), so the gradients it produces are the ones stepped on.
-        """
-        loss = evaluate_closure(closure)
-        self._optimizer.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._optimizer.zero_grad(set_to_none)
+        super().__init__(params, defaults, _C.LARSSGD)
 
 
-class LAMB:
+class LAMB(_BuiltFromParams):
     r"""LAMB built from params, stepping in C++ (``lars::LAMB``).
 
     The same optimizer as :class:`torchlars.LAMB` (see its docstring for the algorithm and the
@@ -265,8 +289,11 @@ class LAMB:
         number; ``max_grad_norm`` is read from the defaults only, as timm's Lamb reads it).
     """
 
-    _FLOATS = ("lr", "eps", "weight_decay", "trust_coef", "trust_eps")
+    _NAME = "torchlars.cpp.LAMB"
+    _NUMBERS = ("lr", "eps", "weight_decay", "trust_coef", "trust_eps")
+    _OPTIONAL_NUMBERS = ("max_grad_norm",)
     _BOOLS = ("trust_clip", "always_adapt", "bias_correction", "maximize", "lars_exclude")
+    _PAIRS = ("betas",)
 
     def __init__(
         self,
@@ -298,71 +325,8 @@ class LAMB:
             maximize=maximize,
             lars_exclude=False,
         )
-        self._check_types(defaults, "the defaults")
-        groups = []
-        for index, (tensors, options, excluded) in enumerate(_param_groups(params, "torchlars.cpp.LAMB")):
-            unknown = sorted(set(options) - set(defaults))
-            if unknown:
-                raise TypeError(
-                    f"torchlars.cpp.LAMB: unknown option(s) {unknown} in param group {index}; "
-                    f"its options are {', '.join(defaults)}"
-                )
-            merged = {**defaults, **options, "lars_exclude": excluded}
-            self._check_types(merged, f"param group {index}")
-            groups.append((tensors, merged))
         # The values themselves (signs, betas in [0, 1)) are checked in C++.
-        self._optimizer = _C.LAMB(param_groups=groups, defaults=defaults)
-
-    @classmethod
-    def _check_types(cls, options: dict[str, Any], where: str) -> None:
-        def is_number(value: Any) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, float))
-
-        for name in cls._FLOATS:
-            if not is_number(options[name]):
-                raise TypeError(
-                    f"torchlars.cpp.LAMB: `{name}` ({where}) must be a number, got {torch.typename(options[name])}"
-                )
-        for name in cls._BOOLS:
-            if not isinstance(options[name], bool):
-                raise TypeError(
-                    f"torchlars.cpp.LAMB: `{name}` ({where}) must be a bool, got {torch.typename(options[name])}"
-                )
-        betas = options["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(is_number, betas))):
-            raise TypeError(f"torchlars.cpp.LAMB: `betas` ({where}) must be a pair of numbers, got {betas!r}")
-        if options["max_grad_norm"] is not None and not is_number(options["max_grad_norm"]):
-            raise TypeError(
-                f"torchlars.cpp.LAMB: `max_grad_norm` ({where}) must be a number or None, "
-                f"got {torch.typename(options['max_grad_norm'])}"
-            )
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The param groups with all their options, as ``torch.optim``'s (a copy: read, not written)."""
-        return self._optimizer.param_groups()
-
-    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{parameter: its trust ratio in the last step}`` for every adapted parameter that had
-        a gradient then: 0-d fp32 tensors, the values the step used, kept without a sync."""
-        return self._optimizer.trust_ratios()
-
-    def __repr__(self) -> str:
-        return f"torchlars.cpp.LAMB({len(self.param_groups)} param groups)"
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One LAMB step of every param group, in C++.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; it runs first (with grad
-                enabled), so the gradients it produces are the ones stepped on.
-        """
-        loss = evaluate_closure(closure)
-        self._optimizer.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._optimizer.zero_grad(set_to_none)
+        super().__init__(params, defaults, _C.LAMB)
 
 
 def _param_groups(

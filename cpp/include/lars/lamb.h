@@ -19,7 +19,7 @@ namespace lars {
 /// The settings of a `LAMB` param group, set with TORCH_ARG setters as libtorch's
 /// AdamWOptions (with timm's Lamb defaults), and checked when a LAMB is built and at every step:
 ///
-///     lars::LAMBOptions(1e-3).betas({0.9, 0.999}).eps(1e-6).weight_decay(0.01).trust_clip(true)
+///     lars::LAMBOptions(1e-3).betas(std::make_tuple(0.9, 0.999)).eps(1e-6).weight_decay(0.01).trust_clip(true)
 struct LAMBOptions : public torch::optim::OptimizerCloneableOptions<LAMBOptions> {
   LAMBOptions(double lr = 1e-3); // NOLINT: implicit, as torch::optim::AdamWOptions
   /// Learning rate, Adam's betas and eps, and the weight decay added to the update (decoupled

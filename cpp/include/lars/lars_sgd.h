@@ -65,8 +65,8 @@ struct LARSSGDOptions : public torch::optim::OptimizerCloneableOptions<LARSSGDOp
 
 /// LARS (You, Gitman & Ginsburg, 2017, https://arxiv.org/abs/1708.03888) with momentum SGD,
 /// in one optimizer built from params: the numbers of
-/// `lars::LARS(std::make_shared<torch::optim::SGD>(...))` (lars.h gives the formulas), with
-/// every option in LARSSGDOptions, per param group.
+/// `lars::LARS(std::make_shared<torch::optim::SGD>(...))` (functional.h states the ratio,
+/// fused.h the step), with every option in LARSSGDOptions, per param group.
 ///
 ///     lars::LARSSGD optimizer(
 ///         model->parameters(),
