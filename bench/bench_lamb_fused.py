@@ -38,6 +38,7 @@ from param_sets import numel, resnet50_shapes  # noqa: E402
 
 import torchlars.cpp  # noqa: E402
 import torchlars.ops  # noqa: E402
+from torchlars._functional import LAMBSettings  # noqa: E402
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-6, 0.01
 
@@ -67,14 +68,12 @@ def make_steppers(shapes, dtype):
     exp_avg_sqs = [torch.zeros_like(p) for p in lamb_params]
     steps = [torch.tensor(0.0) for _ in lamb_params]
     lr = torch.tensor(LR, dtype=torch.float64)
+    settings = LAMBSettings(beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, trust_coef=1.0,
+                            trust_eps=0.0, trust_clip=False, adapt=True, bias_correction=True, maximize=False)
 
     def lamb_op_step():
         torch._foreach_add_(steps, 1)
-        torchlars.ops.lamb_(
-            lamb_params, [p.grad for p in lamb_params], exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
-            eps=EPS, weight_decay=WEIGHT_DECAY, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
-            bias_correction=True, maximize=False,
-        )
+        torchlars.ops.lamb_(lamb_params, [p.grad for p in lamb_params], exp_avgs, exp_avg_sqs, steps, settings, lr=lr)
 
     steppers["lamb_"] = (lamb_params, lamb_op_step)
 

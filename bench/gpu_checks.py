@@ -41,14 +41,15 @@ from step_timing import Stepper, interleaved, make_params, paired_ratios, spread
 from step_variants import LR, Variant, _compiled, _lars, _larssgd, _sgd  # noqa: E402
 
 import torchlars  # noqa: E402
+from torchlars._functional import LAMBSettings  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAMB_OPTIONS = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, trust_coef=1.0, trust_eps=0.0,
-                    trust_clip=False, adapt=True, bias_correction=True, maximize=False)
+LAMB_OPTIONS = LAMBSettings(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, trust_coef=1.0, trust_eps=0.0,
+                            trust_clip=False, adapt=True, bias_correction=True, maximize=False)
 
 
 def _adamw_fused(params):
-    return torch.optim.AdamW(params, lr=LR, eps=LAMB_OPTIONS["eps"], weight_decay=LAMB_OPTIONS["weight_decay"],
+    return torch.optim.AdamW(params, lr=LR, eps=LAMB_OPTIONS.eps, weight_decay=LAMB_OPTIONS.weight_decay,
                              fused=True).step
 
 
@@ -63,13 +64,13 @@ def _lamb_triton(params):
     def step():
         torch._foreach_add_(steps, 1.0)
         with torch.no_grad():
-            _triton.lamb_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, lr=LR, **LAMB_OPTIONS)
+            _triton.lamb_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, LAMB_OPTIONS, lr=LR)
 
     return step
 
 
 def _lamb_class(params):
-    return torchlars.LAMB(params, lr=LR, eps=LAMB_OPTIONS["eps"], weight_decay=LAMB_OPTIONS["weight_decay"]).step
+    return torchlars.LAMB(params, lr=LR, eps=LAMB_OPTIONS.eps, weight_decay=LAMB_OPTIONS.weight_decay).step
 
 
 # Baselines first: each LARS variant is compared with the SGD of its mode.

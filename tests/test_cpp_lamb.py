@@ -4,7 +4,16 @@ operator) against a pure-torch per-parameter reference; opcheck; GradScaler's fo
 import pytest
 import torch
 
+from torchlars._functional import LAMBSettings
 from torchlars_extension import import_extension
+
+
+def step_lamb(implementation, params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale=None,
+              found_inf=None, **options):
+    """``implementation.lamb_`` called with LAMB's options as keywords, made into its LAMBSettings."""
+    return implementation.lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, LAMBSettings(**options), lr=lr,
+                                grad_scale=grad_scale, found_inf=found_inf)
+
 
 cpp = import_extension("torchlars.cpp")
 ops = import_extension("torchlars.ops")
@@ -102,8 +111,8 @@ def test_operator_matches_the_reference(name, dtype, tolerance):
     for step_grads in grads:
         for step in steps:
             step += 1
-        ratios = ops.lamb_(
-            params, step_grads, exp_avgs, exp_avg_sqs, steps, lr=options["lr"], beta1=beta1, beta2=beta2,
+        ratios = step_lamb(
+            ops, params, step_grads, exp_avgs, exp_avg_sqs, steps, lr=options["lr"], beta1=beta1, beta2=beta2,
             eps=options["eps"], weight_decay=options["weight_decay"], trust_coef=options["trust_coef"],
             trust_eps=options["trust_eps"], trust_clip=options["trust_clip"],
             adapt=options["weight_decay"] != 0 or options["always_adapt"],
@@ -130,8 +139,8 @@ def test_cpp_lamb_and_the_operator_agree_in_bf16():
         optimizer.step()
         for step in steps:
             step += 1
-        ops.lamb_(through_op, step_grads, exp_avgs, exp_avg_sqs, steps, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6,
-                  weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
+        step_lamb(ops, through_op, step_grads, exp_avgs, exp_avg_sqs, steps, lr=0.01, beta1=0.9, beta2=0.999,
+                  eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
                   bias_correction=True, maximize=False)
     for a, b in zip(through_class, through_op):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -144,8 +153,8 @@ def test_grad_scale_unscales_and_found_inf_skips():
         params = [p.clone() for p in init]
         exp_avgs = [torch.full_like(p, 0.01) for p in params]
         exp_avg_sqs = [torch.full_like(p, 0.02) for p in params]
-        ratios = ops.lamb_(
-            params, [g * scale for g in grads[0]], exp_avgs, exp_avg_sqs, [torch.tensor(2.0) for _ in params],
+        ratios = step_lamb(
+            ops, params, [g * scale for g in grads[0]], exp_avgs, exp_avg_sqs, [torch.tensor(2.0) for _ in params],
             lr=torch.tensor(0.01), beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.02, trust_coef=1.0,
             trust_eps=0.0, trust_clip=False, adapt=True, bias_correction=True, maximize=False,
             grad_scale=torch.tensor(float(scale)), found_inf=torch.tensor(float(found_inf)))
@@ -182,8 +191,8 @@ def test_operator_compiles_to_one_graph():
     compiled = [p.clone() for p in init]
 
     def step(params, exp_avgs, exp_avg_sqs, steps, lr):
-        return ops.lamb_(params, grads[0], exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-6,
-                         weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
+        return step_lamb(ops, params, grads[0], exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=0.9, beta2=0.999,
+                         eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
                          bias_correction=True, maximize=False)
 
     def state():
@@ -233,8 +242,8 @@ def _lamb_steps_on(inputs):
         exp_avgs = [torch.zeros_like(p) for p in params]
         exp_avg_sqs = [torch.zeros_like(p) for p in params]
         for step in range(1, 4):
-            ratios = ops.lamb_(
-                params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], lr=0.01,
+            ratios = step_lamb(
+                ops, params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], lr=0.01,
                 beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False,
                 adapt=True, bias_correction=True, maximize=False, grad_scale=torch.tensor(3.0))
         out += params + exp_avgs + exp_avg_sqs + [ratios]

@@ -11,7 +11,12 @@ from torch import nn
 
 import torchlars
 from torchlars import LAMB, LARS
+from torchlars._functional import LAMBSettings
 from torchlars.lamb import lamb
+
+# What the functional lamb() takes for a LAMB group with the defaults (weight decay 0.01: adapted).
+SETTINGS = LAMBSettings(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, trust_coef=1.0, trust_eps=0.0,
+                        trust_clip=False, adapt=True, bias_correction=True, maximize=False)
 
 # ---------------------------------------------------------------------------------------
 # An independent reference: the formula of the SPEC, one parameter at a time, in Python floats
@@ -358,9 +363,8 @@ def test_found_inf_on_the_device_path_restores_everything(foreach):
     exp_avg_sqs = [torch.rand_like(p) for p in params]
     steps = [torch.tensor(3.0) for _ in params]
     before = copy.deepcopy((params, exp_avgs, exp_avg_sqs, steps))
-    lamb(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach, grad_scale=torch.tensor(8.0),
-         found_inf=torch.tensor(1.0), lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, trust_coef=1.0,
-         trust_eps=0.0, trust_clip=False, adapt=True, bias_correction=True, maximize=False)
+    lamb(params, grads, exp_avgs, exp_avg_sqs, steps, SETTINGS, lr=0.01, foreach=foreach,
+         grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
     for after, old in zip((params, exp_avgs, exp_avg_sqs, steps), before):
         for a, b in zip(after, old):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -542,11 +546,9 @@ def test_functional_fused_true_refuses_a_bucket_before_stepping_any():
     cpu = [torch.ones(2)]
     meta = [torch.ones(2, device="meta")]
     steps = [torch.zeros(()), torch.zeros((), device="meta")]
-    with pytest.raises(RuntimeError, match="fused=True .* on meta"):
+    with pytest.raises(RuntimeError, match="fused=True.* on meta"):
         lamb(cpu + meta, [torch.ones(2), torch.ones(2, device="meta")], [torch.zeros(2), torch.zeros(2, device="meta")],
-             [torch.zeros(2), torch.zeros(2, device="meta")], steps, fused=True, lr=0.01, beta1=0.9, beta2=0.999,
-             eps=1e-6, weight_decay=0.01, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
-             bias_correction=True, maximize=False)
+             [torch.zeros(2), torch.zeros(2, device="meta")], steps, SETTINGS, lr=0.01, fused=True)
     assert torch.equal(cpu[0], torch.ones(2)) and steps[0].item() == 0
 
 

@@ -17,9 +17,16 @@ import torch
 import torchlars._dispatch
 import torchlars._functional
 from torchlars import LARS, LARSSGD
-from torchlars._functional import LARSSettings, MomentumSGD
+from torchlars._functional import LAMBSettings, LARSSettings, MomentumSGD
 from kernel_count import count_kernels
 from lars_reference import SGD_OPTIONS, ReferenceLARS, reference_scaled_grad
+
+
+def step_lamb(implementation, params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale=None,
+              found_inf=None, **options):
+    """``implementation.lamb_`` called with LAMB's options as keywords, made into its LAMBSettings."""
+    return implementation.lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, LAMBSettings(**options), lr=lr,
+                                grad_scale=grad_scale, found_inf=found_inf)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs `pip install triton`")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -744,7 +751,7 @@ def test_cuda_lamb_matches_the_reference_never_syncs_and_replays_in_a_graph():
 
     def step(state):
         torch._foreach_add_(state[3], 1.0)
-        return module.lamb_(state[0], grads, state[1], state[2], state[3], **LAMB_DEFAULTS)
+        return step_lamb(module, state[0], grads, state[1], state[2], state[3], **LAMB_DEFAULTS)
 
     eager = [params, exp_avgs, exp_avg_sqs, steps]
     expected = [reference_lamb_step(p, g, m, v, 1, **LAMB_DEFAULTS) for p, g, m, v in zip(params, grads, exp_avgs,
@@ -868,7 +875,7 @@ def test_lamb_matches_the_per_parameter_reference(triton_module, options):
             step += 1
         expected = [reference_lamb_step(p, g, m, v, s.item(), **settings)
                     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps)]
-        ratios = triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **settings)
+        ratios = step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **settings)
         torch.testing.assert_close(ratios.double(), torch.tensor([e[3] for e in expected], dtype=torch.float64),
                                    rtol=1e-6, atol=0)
         if number == 0:
@@ -887,7 +894,7 @@ def test_lamb_in_bf16_computes_in_fp32_and_rounds_once(triton_module):
         step += 1
     expected = [reference_lamb_step(p, g, m, v, 1, **LAMB_DEFAULTS) for p, g, m, v in zip(params, grads, exp_avgs,
                                                                                            exp_avg_sqs)]
-    triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)
+    step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)
     ulp = torch.finfo(torch.bfloat16).eps
     for param, exp_avg, exp_avg_sq, (w, m, v, _) in zip(params, exp_avgs, exp_avg_sqs, expected):
         torch.testing.assert_close(exp_avg.double(), m, rtol=ulp, atol=0)
@@ -902,10 +909,10 @@ def test_an_overflowing_lamb_step_changes_nothing(triton_module):
     grads = [torch.randn(p.shape) for p in params]
     for step in steps:
         step += 1
-    triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS, found_inf=torch.zeros(()))
+    step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS, found_inf=torch.zeros(()))
     before = [[t.clone() for t in tensors] for tensors in (params, exp_avgs, exp_avg_sqs)]
     grads[1][0] = float("inf")
-    triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS, found_inf=torch.ones(()),
+    step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS, found_inf=torch.ones(()),
                         grad_scale=torch.tensor(4.0))
     for tensors, old in zip((params, exp_avgs, exp_avg_sqs), before):
         for tensor, kept in zip(tensors, old):
@@ -918,7 +925,7 @@ def test_lamb_refuses_step_counts_the_kernels_cannot_read(triton_module):
     steps[0] = torch.tensor(1.0, dtype=torch.float64)
     before = [p.clone() for p in params]
     with pytest.raises(ValueError, match="`state_steps` must be one-element float32 tensors"):
-        triton_module.lamb_(params, [torch.ones_like(p) for p in params], exp_avgs, exp_avg_sqs, steps,
+        step_lamb(triton_module, params, [torch.ones_like(p) for p in params], exp_avgs, exp_avg_sqs, steps,
                             **LAMB_DEFAULTS)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
@@ -929,8 +936,10 @@ def test_a_lamb_step_is_three_kernels(triton_module, count):
     shapes = [(2 + index % 3, 1 + index % 2) for index in range(count)]
     params, exp_avgs, exp_avg_sqs, steps = _lamb_state(shapes=shapes)
     grads = [torch.ones_like(p) for p in params]
-    triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)  # warm-up: the tables
-    step = count_kernels(lambda: triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS))
+    step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)  # warm-up: the tables
+    step = count_kernels(
+        lambda: step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)
+    )
     assert step.kernels == 3, step.ops
 
 
@@ -947,7 +956,7 @@ def test_a_compiled_function_calls_the_lamb_operator(triton_module):
 
     def step(params, grads, exp_avgs, exp_avg_sqs, steps):
         torch._foreach_add_(steps, 1)
-        return triton_module.lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)
+        return step_lamb(triton_module, params, grads, exp_avgs, exp_avg_sqs, steps, **LAMB_DEFAULTS)
 
     compiled = torch.compile(step, backend=recording_backend)
     for number in range(2):

@@ -32,6 +32,7 @@ from torchlars._functional import (
 
 __all__ = [
     "FUSED_DTYPES",
+    "fused_kernels",
     "fused_kernels_step",
     "implementation",
     "lars_scale_gradients_",
@@ -115,6 +116,13 @@ def implementation(
         if fused:
             raise RuntimeError(f"{owner}: `fused=True`: {why_no_fused_kernel(tensors[0])}")
     return "single" if foreach is False else "foreach"
+
+
+def fused_kernels(kind: str) -> ModuleType:
+    """Where the fused implementations of a kind :func:`implementation` chose live: the Triton
+    kernels (``"triton"``) or liblars's operators (``"fused"``), each with ``lars_sgd_``,
+    ``lamb_`` and the others, taking the arguments of the plain implementations."""
+    return _triton if kind == "triton" else _ops
 
 
 def fused_kernels_step(params: list[Tensor]) -> bool:
@@ -257,8 +265,10 @@ def lars_sgd(
                     momentum_buffer_list[indices[i]] = buffer
             else:
                 buffers = [bucket_buffers[i] for i in positions]
-            step = {"triton": _triton and _triton.lars_sgd_, "fused": _ops and _ops.lars_sgd_,
-                    "foreach": multi_tensor_lars_sgd, "single": single_tensor_lars_sgd}[chosen[key]]
+            kind = chosen[key]
+            step = {"foreach": multi_tensor_lars_sgd, "single": single_tensor_lars_sgd}.get(kind) or (
+                fused_kernels(kind).lars_sgd_
+            )
             ratios += step(call_params, call_grads, buffers, settings, sgd, first_step=first_step,
                            grad_scale=grad_scale, found_inf=found_inf)
     return ratios

@@ -19,6 +19,7 @@ from torchlars._foreach import decay_, decay_and_scale_, norm_dtype, norms
 
 __all__ = [
     "TRUST_RATIOS",
+    "LAMBSettings",
     "LARSSettings",
     "MomentumSGD",
     "multi_tensor_lars_scale_gradients_",
@@ -66,6 +67,30 @@ class MomentumSGD:
     def of(cls, group: dict) -> MomentumSGD:
         return cls(group["lr"], group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"],
                    group.get("maximize", False))
+
+
+@dataclass(frozen=True)
+class LAMBSettings:
+    """The settings of one :class:`torchlars.LAMB` param group, one object for every implementation
+    (the names of ``LAMB``'s arguments; ``adapt`` is whether the group's step is scaled by trust
+    ratios, False for AdamW's step). The learning rate is passed beside it."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    trust_coef: float
+    trust_eps: float
+    trust_clip: bool
+    adapt: bool
+    bias_correction: bool
+    maximize: bool
+
+    @classmethod
+    def of(cls, group: dict, *, adapt: bool) -> LAMBSettings:
+        beta1, beta2 = group["betas"]
+        return cls(beta1, beta2, group["eps"], group["weight_decay"], group["trust_coef"], group["trust_eps"],
+                   group["trust_clip"], adapt, group["bias_correction"], group["maximize"])
 
 
 def trust_ratio(

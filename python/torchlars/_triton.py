@@ -42,7 +42,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from torchlars._functional import LARSSettings, MomentumSGD
+from torchlars._functional import LAMBSettings, LARSSettings, MomentumSGD
 
 __all__ = [
     "DTYPES",
@@ -1040,25 +1040,9 @@ def _(params, grads, momentum_buffers, lr_tensor, lr, grad_scale, found_inf, wei
 
 
 def lamb_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_coef: float,
-    trust_eps: float,
-    trust_clip: bool,
-    adapt: bool,
-    bias_correction: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], settings: LAMBSettings, *, lr: float | Tensor, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None
 ) -> Tensor:
     r"""One LAMB step (You et al., 2019) of one device and dtype in 3 kernels; returns the fp32 ratios.
 
@@ -1081,7 +1065,8 @@ def lamb_(
     return _step(
         torch.ops.torchlars_triton.lamb_step_, _lamb_step_, [params, exp_avgs, exp_avg_sqs],
         params, grads, exp_avgs, exp_avg_sqs, state_steps, _tensor_or_none(lr), _number(lr), grad_scale, found_inf,
-        beta1, beta2, eps, weight_decay, trust_coef, trust_eps, trust_clip, adapt, bias_correction, maximize,
+        settings.beta1, settings.beta2, settings.eps, settings.weight_decay, settings.trust_coef, settings.trust_eps,
+        settings.trust_clip, settings.adapt, settings.bias_correction, settings.maximize,
     )
 
 

@@ -2,16 +2,16 @@
 
 Laid out as ``torch/optim/adamw.py``: the class validates its arguments and gathers the tensors,
 :func:`lamb` picks an implementation per bucket of one device and dtype, and the implementations
-sit side by side: liblars's fused CPU operator or the Triton kernels (:func:`_fused_lamb`),
-``torch._foreach_*`` ops (:func:`_multi_tensor_lamb`), one parameter at a time
-(:func:`_single_tensor_lamb`). All take the same arguments and return the trust ratios.
+sit side by side: liblars's fused CPU operator (``torchlars.ops.lamb_``) or the Triton kernels
+(``torchlars._triton.lamb_``), ``torch._foreach_*`` ops (:func:`_multi_tensor_lamb`), one
+parameter at a time (:func:`_single_tensor_lamb`). All take the same arguments, the group's
+:class:`~torchlars._functional.LAMBSettings` among them, and return the trust ratios. Which one
+steps a bucket is chosen where LARS's is, :func:`torchlars._dispatch.implementation`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-import importlib
-import importlib.util
 from typing import Any
 
 import torch
@@ -19,8 +19,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from torchlars._dispatch import fused_kernels, fused_kernels_step, implementation, skips_on_host, why_no_fused_kernel
 from torchlars._distributed import sharding_problem
 from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms
+from torchlars._functional import LAMBSettings
 from torchlars._optimizer import (
     evaluate_closure,
     forget_trust_ratios,
@@ -160,28 +162,19 @@ class LAMB(Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _load_fused_ops(group["params"])
         if group["fused"]:
             for param in group["params"]:
-                if _fused_lamb_op(param.device, [param]) is None:
+                problem = why_no_fused_kernel(param)
+                if problem is not None:
                     where = position(param, group, self.param_groups)
                     self.param_groups.pop()
-                    raise RuntimeError(
-                        f"LAMB: `fused=True` steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and "
-                        f"CUDA tensors with torchlars._triton.lamb_, where installed; neither steps {where}, a "
-                        f"{type(param).__name__} of {param.dtype} on {param.device}. Use fused=None or foreach=True."
-                    )
+                    raise RuntimeError(f"LAMB: `fused=True`, but {where}: {problem}")
         # GradScaler hands grad_scale and found_inf to the step instead of unscaling and checking
         # for infs itself with a host sync, where the fused kernels step everything. (Every path
         # takes them; the others would only be slower than GradScaler's own unscaling.)
         all_params = [param for group in self.param_groups for param in group["params"]]
         self._step_supports_amp_scaling = bool(self.defaults["fused"]) or (
-            self.defaults["fused"] is None
-            and self.defaults["foreach"] is None
-            and all(
-                _fused_lamb_op(device, bucket) is not None
-                for (device, _), ((bucket,), _) in grouped_by_device_and_dtype([all_params]).items()
-            )
+            self.defaults["fused"] is None and self.defaults["foreach"] is None and fused_kernels_step(all_params)
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -263,7 +256,7 @@ class LAMB(Optimizer):
         for group in self.param_groups:  # every gradient is checked before anything changes
             self._check_grads(group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if _skipped_on_host(found_inf):
+        if skips_on_host(found_inf):
             return loss
         ratios = []
         with torch.no_grad():
@@ -275,28 +268,18 @@ class LAMB(Optimizer):
                     [grad for _, grads, *_ in gathered for grad in grads], max_grad_norm, grad_scale
                 )
             for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, gathered):
-                beta1, beta2 = group["betas"]
                 group_ratios = lamb(
                     params,
                     grads,
                     exp_avgs,
                     exp_avg_sqs,
                     state_steps,
+                    LAMBSettings.of(group, adapt=_adapted(group)),
+                    lr=group["lr"],
                     foreach=group["foreach"],
                     fused=group["fused"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    trust_coef=group["trust_coef"],
-                    trust_eps=group["trust_eps"],
-                    trust_clip=group["trust_clip"],
-                    adapt=_adapted(group),
-                    bias_correction=group["bias_correction"],
-                    maximize=group["maximize"],
                 )
                 if _adapted(group):
                     ratios += group_ratios
@@ -307,20 +290,6 @@ class LAMB(Optimizer):
 def _adapted(group: dict[str, Any]) -> bool:
     """Whether LAMB scales the group's step by trust ratios (else it is AdamW's step)."""
     return not group.get("lars_exclude", False) and (group["weight_decay"] != 0 or group["always_adapt"])
-
-
-def _skipped_on_host(found_inf: Tensor | None) -> bool:
-    """Whether GradScaler found an inf in an eager CPU step: then the whole step is skipped.
-
-    Reading a CPU flag is no device sync; elsewhere (and under torch.compile) the step runs and
-    leaves everything as it was (the fused kernels skip, the others restore).
-    """
-    return (
-        found_inf is not None
-        and found_inf.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(found_inf.item())
-    )
 
 
 def clipped_grad_scale(grads: list[Tensor], max_grad_norm: float, grad_scale: Tensor | None) -> Tensor | None:
@@ -345,13 +314,12 @@ def clipped_grad_scale(grads: list[Tensor], max_grad_norm: float, grad_scale: Te
     return clip if grad_scale is None else clip * grad_scale.to(device)
 
 
-def lamb_trust_ratio(param_norms: Tensor, update_norms: Tensor, *, trust_coef: float, trust_eps: float,
-                     trust_clip: bool) -> Tensor:
+def lamb_trust_ratio(param_norms: Tensor, update_norms: Tensor, settings: LAMBSettings) -> Tensor:
     r""":math:`r = \eta \|w\| / (\|u\| + \epsilon_r)`, 1 unless both norms are > 0, clipped at 1 with
     ``trust_clip``: the ratio of :class:`LAMB`, in tensor ops (no host sync)."""
-    ratios = trust_coef * param_norms / (update_norms + trust_eps)
+    ratios = settings.trust_coef * param_norms / (update_norms + settings.trust_eps)
     ratios = torch.where((param_norms > 0) & (update_norms > 0), ratios, torch.ones_like(ratios))
-    if trust_clip:
+    if settings.trust_clip:
         ratios = torch.clamp(ratios, max=1.0)
     return ratios
 
@@ -362,57 +330,33 @@ def lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    settings: LAMBSettings,
     *,
+    lr: float | Tensor,
     foreach: bool | None = None,
     fused: bool | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_coef: float,
-    trust_eps: float,
-    trust_clip: bool,
-    adapt: bool,
-    bias_correction: bool,
-    maximize: bool,
 ) -> list[tuple[list[Tensor], Tensor]]:
     r"""One LAMB step of the parameters of one param group, with the formula of :class:`LAMB`.
 
     ``state_steps`` are 0-d fp32 tensors on the parameters' devices, incremented here.
     ``grad_scale`` divides every gradient (GradScaler's scale, with ``max_grad_norm``'s clip
     folded in: :func:`clipped_grad_scale`); a non-zero ``found_inf`` leaves everything as it was.
-    ``adapt=False`` steps with :math:`r = 1` (AdamW). ``grads`` are left as they are.
-
-    Per bucket (device and dtype): ``fused=True`` takes the fused operator (liblars's for CPU
-    tensors, Triton's for CUDA tensors) and refuses a bucket neither steps; ``fused=None`` and
-    ``foreach=None`` take it where it runs and ``torch._foreach_*`` ops elsewhere;
-    ``foreach=True`` takes the foreach ops, ``foreach=False`` one parameter at a time. Returns,
-    per bucket, the parameters and their ratios (fp32; fp64 for fp64 parameters).
+    ``grads`` are left as they are. The implementation of each bucket of one device and dtype is
+    chosen by :func:`torchlars._dispatch.implementation`, as for LARS. Returns, per bucket, the
+    parameters and their ratios (fp32; fp64 for fp64 parameters).
     """
     if not params:
         return []
-    settings = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, trust_coef=trust_coef,
-        trust_eps=trust_eps, trust_clip=trust_clip, adapt=adapt, bias_correction=bias_correction, maximize=maximize,
-    )
-    buckets = [
-        (device, tensors, _fused_lamb_op(device, *tensors[:4]) if fused or (fused is None and foreach is None) else None)
-        for (device, _), (tensors, _) in grouped_by_device_and_dtype(
-            [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-        ).items()
-    ]
-    for device, (bucket_params, *_), op in buckets:  # every bucket is refused before any steps
-        if op is None and fused:
-            raise RuntimeError(
-                f"lamb: fused=True steps plain CPU tensors with liblars's torch.ops.torchlars.lamb_ and CUDA "
-                f"tensors with torchlars._triton.lamb_ where installed, got {type(bucket_params[0]).__name__} "
-                f"tensors of {bucket_params[0].dtype} on {device}"
-            )
+    grouped = grouped_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    chosen = {  # every bucket is refused before any steps
+        key: implementation(*key, [t for tensors in lists[:4] for t in tensors], foreach=foreach, fused=fused,
+                            owner="LAMB")
+        for key, (lists, _) in grouped.items()
+    }
     ratios = []
-    for device, tensors, op in buckets:
+    for (device, dtype), (tensors, _) in grouped.items():
         amp = dict(
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
@@ -420,73 +364,16 @@ def lamb(
         steps = tensors[4]
         # As torch's fused AdamW: the steps count first, and a step GradScaler skips takes it back.
         torch._foreach_add_(steps, 1)
-        if op is not None:
-            bucket_ratios = _fused_lamb(op, *tensors, **amp, **settings)
+        kind = chosen[device, dtype]
+        if kind in ("triton", "fused"):
+            bucket_ratios = fused_kernels(kind).lamb_(*tensors, settings, lr=lr, **amp)
         else:
-            implementation = _single_tensor_lamb if foreach is False else _multi_tensor_lamb
-            bucket_ratios = _unless_found_inf(implementation, *tensors, **amp, **settings)
+            step = _multi_tensor_lamb if kind == "foreach" else _single_tensor_lamb
+            bucket_ratios = _unless_found_inf(step, *tensors, settings, lr=lr, **amp)
         if amp["found_inf"] is not None:
             torch._foreach_sub_(steps, [amp["found_inf"]] * len(steps))
         ratios.append((tensors[0], bucket_ratios))
     return ratios
-
-
-# ---------------------------------------------------------------------------------------
-# The fused kernels: liblars's CPU operator, the Triton kernels for CUDA tensors
-
-# What liblars's operator steps: plain tensors (a DTensor's norm is not its local shard's) of these dtypes.
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-# Per device type, the fused ``lamb_`` and what says whether it steps a bucket's lists, or None;
-# filled by _load_fused_ops when an optimizer is built (a compiled step cannot import).
-_FUSED_OPS: dict[str, tuple[Callable[..., Tensor], Callable[..., bool]] | None] = {}
-
-
-def _cpu_steps(params: list[Tensor], *others: list[Tensor]) -> bool:
-    return params[0].dtype in _CPU_DTYPES and all(type(param) in _PLAIN_TENSORS for param in params)
-
-
-def _load_fused_ops(params: list[Tensor]) -> None:
-    """Look up the fused ``lamb_`` for the device types of ``params``, once per type."""
-    for device_type in {param.device.type for param in params} - _FUSED_OPS.keys():
-        fused = None
-        if device_type == "cpu" and importlib.util.find_spec("torchlars._C") is not None:
-            importlib.import_module("torchlars.ops")  # loads liblars: torch.ops.torchlars and its fake kernels
-            if hasattr(torch.ops.torchlars, "lamb_"):
-                fused = (torch.ops.torchlars.lamb_, _cpu_steps)
-        elif device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-            kernels = importlib.import_module("torchlars._triton")
-            if hasattr(kernels, "lamb_"):
-                fused = (kernels.lamb_, kernels.steps)  # steps: plain contiguous tensors of its dtypes
-        _FUSED_OPS[device_type] = fused
-
-
-def _fused_lamb_op(device: torch.device, *tensor_lists: list[Tensor]) -> Callable[..., Tensor] | None:
-    """The fused ``lamb_`` that steps these lists of one device and dtype (params first), or None."""
-    fused = _FUSED_OPS.get(device.type)
-    if fused is None or not tensor_lists[0]:
-        return None
-    op, steps = fused
-    return op if steps(*tensor_lists) else None
-
-
-def _fused_lamb(
-    op: Callable[..., Tensor],
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    **settings: Any,
-) -> Tensor:
-    """``lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, ...)`` of liblars or Triton:
-    two passes, the moments and both norms, then the weights. ``lr`` reaches it as a tensor (fp64 on
-    the CPU for a float), so a changing ``lr`` recompiles nothing."""
-    if not isinstance(lr, Tensor):
-        lr = torch.tensor(lr, dtype=torch.float64)
-    return op(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, **settings)
 
 
 # ---------------------------------------------------------------------------------------
@@ -500,17 +387,18 @@ def _unless_found_inf(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    settings: LAMBSettings,
     *,
     found_inf: Tensor | None,
-    **settings: Any,
+    **step: Any,
 ) -> Tensor:
     """``implementation``'s step, undone where ``found_inf`` is non-zero (on a GPU or compiled: an
     eager CPU step GradScaler skips returns before). Tensor ops: nothing waits on the device."""
     if found_inf is None:
-        return implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, **settings)
+        return implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, settings, **step)
     stepped = [*params, *exp_avgs, *exp_avg_sqs]
     before = [tensor.clone() for tensor in stepped]
-    ratios = implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, **settings)
+    ratios = implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, settings, **step)
     skip = found_inf != 0
     for tensor, old in zip(stepped, before):
         tensor.copy_(torch.where(skip, old, tensor))
@@ -531,34 +419,26 @@ def _multi_tensor_lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    settings: LAMBSettings,
     *,
-    grad_scale: Tensor | None,
     lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_coef: float,
-    trust_eps: float,
-    trust_clip: bool,
-    adapt: bool,
-    bias_correction: bool,
-    maximize: bool,
+    grad_scale: Tensor | None,
 ) -> Tensor:
     """:func:`lamb` in ``torch._foreach_*`` ops for tensors of one device and dtype, a fixed number
     of ops whatever their count; returns their ratios."""
     dtype = params[0].dtype
     ratio_dtype = norm_dtype(dtype) or dtype
+    beta1, beta2, eps, weight_decay = settings.beta1, settings.beta2, settings.eps, settings.weight_decay
     # New tensors from here on: the caller's gradients stay as they are.
     if grad_scale is not None:
-        grads = torch._foreach_div(grads, -grad_scale if maximize else grad_scale)
-    elif maximize:
+        grads = torch._foreach_div(grads, -grad_scale if settings.maximize else grad_scale)
+    elif settings.maximize:
         grads = torch._foreach_neg(grads)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denominators = torch._foreach_sqrt(exp_avg_sqs)
-    if bias_correction:
+    if settings.bias_correction:
         bias_correction1, bias_correction2_sqrt = _bias_corrections(state_steps, beta1, beta2, ratio_dtype)
         torch._foreach_div_(denominators, bias_correction2_sqrt.unbind(0))
         torch._foreach_add_(denominators, eps)
@@ -569,11 +449,8 @@ def _multi_tensor_lamb(
         updates = torch._foreach_div(exp_avgs, denominators)
     if weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=weight_decay)
-    if adapt:
-        ratios = lamb_trust_ratio(
-            norms(params, dtype), norms(updates, dtype), trust_coef=trust_coef, trust_eps=trust_eps,
-            trust_clip=trust_clip,
-        )
+    if settings.adapt:
+        ratios = lamb_trust_ratio(norms(params, dtype), norms(updates, dtype), settings)
         # lr and the ratio in one tensor per parameter (alpha=<tensor> would wait on the device).
         torch._foreach_mul_(updates, (ratios * -lr).unbind(0))
         torch._foreach_add_(params, updates)
@@ -592,43 +469,35 @@ def _single_tensor_lamb(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    settings: LAMBSettings,
     *,
-    grad_scale: Tensor | None,
     lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_coef: float,
-    trust_eps: float,
-    trust_clip: bool,
-    adapt: bool,
-    bias_correction: bool,
-    maximize: bool,
+    grad_scale: Tensor | None,
 ) -> Tensor:
     """:func:`lamb` one parameter at a time (``foreach=False``), for tensors of one device and
     dtype; returns their ratios."""
     ratio_dtype = norm_dtype(params[0].dtype) or params[0].dtype
+    beta1, beta2, eps, weight_decay = settings.beta1, settings.beta2, settings.eps, settings.weight_decay
     ratios = []
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         if grad_scale is not None:
             grad = grad / grad_scale
-        if maximize:
+        if settings.maximize:
             grad = -grad
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if bias_correction:
+        if settings.bias_correction:
             bias_correction1, bias_correction2_sqrt = _bias_corrections([step], beta1, beta2, ratio_dtype)
             update = (exp_avg / bias_correction1[0]) / (exp_avg_sq.sqrt() / bias_correction2_sqrt[0] + eps)
         else:
             update = exp_avg / (exp_avg_sq.sqrt() + eps)
         if weight_decay != 0:
             update.add_(param, alpha=weight_decay)
-        if adapt:
+        if settings.adapt:
             ratio = lamb_trust_ratio(
                 torch.linalg.vector_norm(param, dtype=norm_dtype(param.dtype)),
                 torch.linalg.vector_norm(update, dtype=norm_dtype(update.dtype)),
-                trust_coef=trust_coef, trust_eps=trust_eps, trust_clip=trust_clip,
+                settings,
             )
             param.add_(update * (ratio * -lr))
         else:

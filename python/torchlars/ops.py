@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from torchlars._extension import _C  # noqa: F401  (loads liblars, which defines torch.ops.torchlars)
-from torchlars._functional import LARSSettings, MomentumSGD, lr_tensor, ratio_dtype
+from torchlars._functional import LAMBSettings, LARSSettings, MomentumSGD, lr_tensor, ratio_dtype
 
 __all__ = ["lamb_", "lars_scale_gradients_", "lars_sgd_"]
 
@@ -87,25 +87,9 @@ def lars_sgd_(
 
 
 def lamb_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    trust_coef: float,
-    trust_eps: float,
-    trust_clip: bool,
-    adapt: bool,
-    bias_correction: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], settings: LAMBSettings, *, lr: float | Tensor, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None
 ) -> Tensor:
     r"""One LAMB step of CPU tensors of one dtype, by liblars's fused operator (``lars::lamb_``).
 
@@ -119,9 +103,11 @@ def lamb_(
     causes no recompilation.
     """
     return torch.ops.torchlars.lamb_(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr_tensor(lr), beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, trust_coef=trust_coef, trust_eps=trust_eps, trust_clip=trust_clip, adapt=adapt,
-        bias_correction=bias_correction, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr_tensor(lr), beta1=settings.beta1,
+        beta2=settings.beta2, eps=settings.eps, weight_decay=settings.weight_decay, trust_coef=settings.trust_coef,
+        trust_eps=settings.trust_eps, trust_clip=settings.trust_clip, adapt=settings.adapt,
+        bias_correction=settings.bias_correction, maximize=settings.maximize, grad_scale=grad_scale,
+        found_inf=found_inf,
     )
 
 
