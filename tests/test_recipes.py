@@ -70,7 +70,7 @@ def test_recipe_block_trains_with_a_warm_up(heading, code):
         warnings.simplefilter("error")  # a block users copy must not warn
         exec(compile(code, f"docs/recipes.md [{heading}]", "exec"), namespace)
         optimizer, scheduler, total_steps = namespace["optimizer"], namespace["scheduler"], namespace["total_steps"]
-        assert isinstance(optimizer, (torchlars.LARS, torchlars.LARSSGD))
+        assert isinstance(optimizer, (torchlars.LARS, torchlars.LARSSGD, torchlars.LAMB))
         assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
         assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in model.parameters()}
 

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m torchlars.demo",
         description=(
             "Large-batch training on MNIST-1D: a small-batch SGD baseline, then SGD (linear LR "
-            "scaling + warm-up), LARS(SGD) and LAMB (LARS(AdamW)) (warm-up + poly(2)) at large batch "
+            "scaling + warm-up), LARS(SGD) and LAMB (warm-up + poly(2)) at large batch "
             "sizes, for the same number of epochs. Writes a markdown table, a PNG plot (accuracy "
             "curves and per-layer trust ratios) and the raw curves (JSON)."
         ),

@@ -34,8 +34,7 @@ class DemoConfig:
     # (the log is in docs/demo.md).
     lars_lr: float = 5.0
     trust_coef: float = 0.01
-    # LAMB: LARS(AdamW(...), trust_coef=1, eps=0, trust_ratio="update"), biases and norms
-    # excluded as for LARS. The LR was swept over 0.005-0.16 at 8K: 0.08 won (the log is in
+    # LAMB: torchlars.LAMB (trust_coef=1, trust_eps=0), biases and norms excluded as for LARS. The LR was swept over 0.005-0.16 at 8K: 0.08 won (the log is in
     # docs/demo.md).
     lamb: bool = False  # the LAMB rows (--lamb, --full): 2 more runs, off to keep the default short
     lamb_lr: float = 0.08

@@ -1,4 +1,4 @@
-"""One training run: a small 1-D CNN on MNIST-1D with SGD, LARS(SGD) or LAMB (LARS(AdamW))."""
+"""One training run: a small 1-D CNN on MNIST-1D with SGD, LARS(SGD) or LAMB."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchlars import LARS, exclude_bias_and_norm, named_trust_ratios
+from torchlars import LAMB, LARS, exclude_bias_and_norm, named_trust_ratios
 
 __all__ = ["RunSpec", "RunResult", "make_model", "train_run"]
 
@@ -63,7 +63,7 @@ OPTIMIZERS = ("sgd", "lars", "lamb")
 
 
 def make_optimizer(spec: RunSpec, model: nn.Module, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    """SGD; LARS(SGD); or LAMB, LARS(AdamW) scaling AdamW's step by ``trust_coef * ||w|| / ||step / lr||``.
+    """SGD; LARS(SGD); or :class:`~torchlars.LAMB` (AdamW's step scaled per layer by its trust ratio).
 
     LARS and LAMB keep biases and norms out of the weight decay and the trust ratio
     (:func:`~torchlars.exclude_bias_and_norm`); those take the base optimizer's plain step.
@@ -75,8 +75,8 @@ def make_optimizer(spec: RunSpec, model: nn.Module, weight_decay: float, momentu
         base = torch.optim.SGD(exclude_bias_and_norm(model, weight_decay), lr=spec.lr, momentum=momentum)
         return LARS(base, trust_coef=spec.trust_coef)
     if spec.optimizer == "lamb":
-        base = torch.optim.AdamW(exclude_bias_and_norm(model, weight_decay), lr=spec.lr, betas=spec.betas, eps=1e-6)
-        return LARS(base, trust_coef=spec.trust_coef, eps=0.0, trust_ratio="update")
+        return LAMB(exclude_bias_and_norm(model, weight_decay), lr=spec.lr, betas=spec.betas, eps=1e-6,
+                    weight_decay=weight_decay, trust_coef=spec.trust_coef)
     raise ValueError(f"unknown optimizer {spec.optimizer!r}; use one of {', '.join(map(repr, OPTIMIZERS))}")
 
 
@@ -144,7 +144,7 @@ def train_run(
                 losses.append(loss.detach())
                 bar.update()
             result.train_loss.append(torch.stack(losses).mean().item())
-            if isinstance(optimizer, LARS):
+            if isinstance(optimizer, (LARS, LAMB)):
                 _record_trust_ratios(result.trust_ratios, named_trust_ratios(optimizer, model))
             recalibrate_batch_norm(model, x_train[order[:precise_bn_samples]], eval_batch_size)
             result.test_acc.append(evaluate(model, x_test, y_test, eval_batch_size))
