@@ -14,6 +14,8 @@ from torchlars._distributed import sharding_problem
 from torchlars._functional import TRUST_RATIOS, LARSSettings
 
 __all__ = [
+    "LayerwiseOptimizer",
+    "TrustRatios",
     "lars_settings",
     "evaluate_closure",
     "group_index",
@@ -121,3 +123,34 @@ def trust_ratios_of(optimizer: Optimizer) -> dict[Tensor, Tensor]:
 def forget_trust_ratios(state: dict[str, Any]) -> None:
     """Drop the kept ratios from a pickled optimizer's ``__dict__``."""
     state.pop(_TRUST_RATIOS, None)
+
+
+class TrustRatios:
+    """``trust_ratios()`` for the optimizers whose steps record their ratios (LARS, LARSSGD, LAMB)."""
+
+    def trust_ratios(self) -> dict[Tensor, Tensor]:
+        """The trust ratio of the last step of every adapted parameter that had a gradient then.
+
+        0-d fp32 tensors on the parameters' devices (fp64 for fp64 parameters), the values the
+        step used, kept without a sync or an extra pass; reading them is the caller's sync.
+        Empty before the first step.
+        """
+        return trust_ratios_of(self)
+
+
+class LayerwiseOptimizer(TrustRatios, Optimizer):
+    """What LARSSGD and LAMB share as optimizers built from params: the recorded trust ratios,
+    which pickles leave out, and the settings a state dict of the plain torch optimizer (SGD,
+    AdamW) lacks, taken from the defaults when it is loaded."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+        prepare_trust_ratio_record(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        forget_trust_ratios(state)
+        return state

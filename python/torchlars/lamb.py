@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from torchlars._dispatch import fused_kernels, fused_kernels_step, implementation, skips_on_host, why_no_fused_kernel
@@ -24,18 +23,17 @@ from torchlars._distributed import sharding_problem
 from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms
 from torchlars._functional import LAMBSettings
 from torchlars._optimizer import (
+    LayerwiseOptimizer,
     evaluate_closure,
-    forget_trust_ratios,
     position,
     prepare_trust_ratio_record,
     record_trust_ratios,
-    trust_ratios_of,
 )
 
 __all__ = ["LAMB", "lamb"]
 
 
-class LAMB(Optimizer):
+class LAMB(LayerwiseOptimizer):
     r"""LAMB (You et al., 2019): Adam's step with decoupled weight decay, scaled per layer by a trust ratio.
 
     Implements `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
@@ -186,27 +184,6 @@ class LAMB(Optimizer):
             for group, saved in zip(self.param_groups, state_dict["param_groups"])
         ] + state_dict["param_groups"][len(self.param_groups):]  # a length mismatch is refused by torch
         super().load_state_dict(state_dict)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # A group without some of LAMB's settings (e.g. unpickled from an older torchlars): the defaults.
-        for group in self.param_groups:
-            for name, value in self.defaults.items():
-                group.setdefault(name, value)
-        prepare_trust_ratio_record(self)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        forget_trust_ratios(state)
-        return state
-
-    def trust_ratios(self) -> dict[Tensor, Tensor]:
-        """The trust ratio of the last step of every adapted parameter that had a gradient then.
-
-        0-d fp32 tensors on the parameters' devices (fp64 for fp64 parameters), the values the
-        step used; reading them is the caller's sync. Empty before the first step.
-        """
-        return trust_ratios_of(self)
 
     def _gather_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         """The parameters of ``group`` that have a gradient, their gradients, moments and steps

@@ -21,6 +21,7 @@ from torchlars._distributed import (
 from torchlars._dispatch import fused_kernels_step, lars_scale_gradients_, lars_update_, skips_on_host
 from torchlars._functional import LARSSettings, lars_scaled_gradients
 from torchlars._optimizer import (
+    TrustRatios,
     evaluate_closure,
     group_index,
     lars_settings,
@@ -28,14 +29,13 @@ from torchlars._optimizer import (
     position,
     prepare_trust_ratio_record,
     record_trust_ratios,
-    trust_ratios_of,
 )
 from torchlars.lars_sgd import params_and_grads, step_group
 
 __all__ = ["LARS", "exclude_bias_and_norm", "named_trust_ratios"]
 
 
-class LARS(Optimizer):
+class LARS(TrustRatios, Optimizer):
     r"""Layer-wise Adaptive Rate Scaling around any ``torch.optim`` optimizer.
 
     Implements LARS from `Large Batch Training of Convolutional Networks
@@ -263,15 +263,6 @@ class LARS(Optimizer):
             base.param_groups = param_groups
             for name in amp:
                 del base.__dict__[name]
-
-    def trust_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The trust ratio of the last step of every adapted parameter that had a gradient then.
-
-        0-d fp32 tensors on the parameters' devices (the parameter's own dtype for fp64), the
-        values the step used, kept without a sync or an extra pass; reading them is the
-        caller's sync. Empty before the first step.
-        """
-        return trust_ratios_of(self)
 
     def _step_base(self) -> None:
         """Step the wrapped optimizer with its own step hooks, and without the global ones.

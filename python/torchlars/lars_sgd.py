@@ -7,27 +7,25 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd
 
 from torchlars._dispatch import fused_kernels_step, lars_sgd, skips_on_host, why_no_fused_kernel
 from torchlars._functional import LARSSettings, MomentumSGD
 from torchlars._optimizer import (
+    LayerwiseOptimizer,
     evaluate_closure,
-    forget_trust_ratios,
     lars_settings,
     params_with_dense_grads,
     position,
     prepare_trust_ratio_record,
     record_trust_ratios,
-    trust_ratios_of,
 )
 
 __all__ = ["LARSSGD", "params_and_grads", "step_group"]
 
 
-class LARSSGD(Optimizer):
+class LARSSGD(LayerwiseOptimizer):
     r"""LARS (You, Gitman & Ginsburg, 2017) with momentum SGD, in one optimizer built from params.
 
     Implements `Large Batch Training of Convolutional Networks <https://arxiv.org/abs/1708.03888>`_
@@ -126,27 +124,6 @@ class LARSSGD(Optimizer):
         self._step_supports_amp_scaling = bool(fused) or (
             fused is None and foreach is None and fused_kernels_step(all_params)
         )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # A plain torch.optim.SGD state dict has none of LARS's settings: take the defaults.
-        for group in self.param_groups:
-            for name in ("nesterov", "maximize", "foreach", "fused", "eps", "trust_coef", "clip", "trust_ratio"):
-                group.setdefault(name, self.defaults[name])
-        prepare_trust_ratio_record(self)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        forget_trust_ratios(state)
-        return state
-
-    def trust_ratios(self) -> dict[Tensor, Tensor]:
-        """The trust ratio of the last step of every adapted parameter that had a gradient then.
-
-        0-d fp32 tensors on the parameters' devices (the parameter's own dtype for fp64), the
-        values the step used; reading them is the caller's sync. Empty before the first step.
-        """
-        return trust_ratios_of(self)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LARS step of every param group.
