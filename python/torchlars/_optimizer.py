@@ -1,5 +1,6 @@
-"""What ``LARS`` and ``LARSSGD`` share as ``torch.optim`` optimizers: the checks of LARS's
-settings, the closure, the parameters a step takes, and the trust ratios it keeps."""
+"""What torchlars's optimizers share: the checks of their options (each rule and its message
+written once, for ``LARS``, ``LARSSGD``, ``LAMB`` and the C++ optimizers' Python face), the
+closure, the parameters a step takes, and the trust ratios it keeps."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from torchlars._functional import TRUST_RATIOS, LARSSettings
 __all__ = [
     "LayerwiseOptimizer",
     "TrustRatios",
+    "check_bool",
+    "check_fused_or_foreach",
+    "check_non_negative",
+    "check_one_element_lr",
     "lars_settings",
     "evaluate_closure",
     "group_index",
@@ -41,13 +46,35 @@ def lars_settings(
         raise ValueError(
             f"{owner}: `trust_ratio` must be one of {', '.join(map(repr, trust_ratios))}, got {trust_ratio!r}{extra}"
         )
-    if not eps >= 0.0:
-        raise ValueError(f"{owner}: `eps` must be non-negative, got {eps}")
-    if not trust_coef >= 0.0:
-        raise ValueError(f"{owner}: `trust_coef` must be non-negative, got {trust_coef}")
-    if not isinstance(clip, bool):
-        raise TypeError(f"{owner}: `clip` must be a bool, got {torch.typename(clip)}")
+    check_non_negative(owner, eps=eps, trust_coef=trust_coef)
+    check_bool(owner, clip=clip)
     return LARSSettings(eps=float(eps), trust_coef=float(trust_coef), clip=clip, kind=trust_ratio)
+
+
+def check_non_negative(owner: str, **options: float | Tensor) -> None:
+    """Refuse by name an option below 0 (or NaN)."""
+    for name, value in options.items():
+        if not value >= 0.0:
+            raise ValueError(f"{owner}: `{name}` must be non-negative, got {value}")
+
+
+def check_one_element_lr(owner: str, lr: float | Tensor) -> None:
+    """A tensor learning rate is one number, as torch.optim's are."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{owner}: a tensor `lr` must have one element")
+
+
+def check_bool(owner: str, **options: Any) -> None:
+    """Refuse by name a flag that is not a bool (an int would pass C++'s conversion silently)."""
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{owner}: `{name}` must be a bool, got {torch.typename(value)}")
+
+
+def check_fused_or_foreach(owner: str, *, fused: bool | None, foreach: bool | None) -> None:
+    """At most one implementation asked for."""
+    if fused and foreach:
+        raise ValueError(f"{owner}: `fused=True` and `foreach=True` cannot be set together")
 
 
 def evaluate_closure(closure: Callable[[], Any] | None) -> Any:

@@ -4,12 +4,14 @@ optimizers (``lars::LARS``, ``lars::LARSSGD``, ``lars::LAMB``), from Python."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import inspect
 from typing import Any
 
 import torch
 
+import torchlars
 from torchlars._extension import _C
-from torchlars.lars import evaluate_closure
+from torchlars._optimizer import check_bool, evaluate_closure
 
 __all__ = ["LAMB", "LARS", "LARSSGD"]
 
@@ -62,8 +64,7 @@ class LARS:
     ) -> None:
         if not isinstance(base, str):
             raise TypeError(f"torchlars.cpp.LARS: `base` must be a str such as 'sgd', got {torch.typename(base)}")
-        if not isinstance(clip, bool):
-            raise TypeError(f"torchlars.cpp.LARS: `clip` must be a bool, got {torch.typename(clip)}")
+        check_bool("torchlars.cpp.LARS", clip=clip)
         if not isinstance(trust_ratio, str):
             raise TypeError(f"torchlars.cpp.LARS: `trust_ratio` must be a str, got {torch.typename(trust_ratio)}")
         groups = _param_groups(params)
@@ -107,12 +108,8 @@ class LARS:
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Scale the gradients, then step the base optimizer, in C++.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; it runs first, so the
-                gradients it produces are the ones that get scaled.
-        """
+        """Scale the gradients, then step the base optimizer, in C++; ``closure`` as in
+        :meth:`torchlars.LARS.step`."""
         loss = evaluate_closure(closure)
         self._lars.step()
         return loss
@@ -121,19 +118,39 @@ class LARS:
         self._lars.zero_grad(set_to_none)
 
 
+# The options of torchlars's Python optimizers that choose among their implementations.
+_PYTHON_ONLY = ("foreach", "fused")
+
+
 class _BuiltFromParams:
     """What :class:`LARSSGD` and :class:`LAMB` share: a liblars optimizer built from param groups
     whose options are checked here for their types (their values are checked in C++), with
-    ``step``, ``zero_grad``, ``param_groups`` and ``trust_ratios``."""
+    ``step``, ``zero_grad``, ``param_groups`` and ``trust_ratios``.
+
+    Its constructor takes the options of ``_TWIN``'s, torchlars's Python optimizer of the same
+    algorithm, in the same positions, with the same defaults (written once, there), but the
+    choice among the Python implementations (``foreach``, ``fused``): liblars steps with its own.
+    """
 
     _NAME: str
+    _TWIN: type
+    _BUILD: type  # the liblars optimizer's class in torchlars._C
     _NUMBERS: tuple[str, ...] = ()
     _BOOLS: tuple[str, ...] = ()
     _STRS: tuple[str, ...] = ()
     _OPTIONAL_NUMBERS: tuple[str, ...] = ()  # numbers or None
     _PAIRS: tuple[str, ...] = ()  # pairs of numbers
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], build) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # What help() and inspect show: the options this constructor takes.
+        twin = inspect.signature(cls._TWIN)
+        cls.__signature__ = twin.replace(
+            parameters=[option for option in twin.parameters.values() if option.name not in _PYTHON_ONLY]
+        )
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *args: Any, **options: Any) -> None:
+        defaults = self._defaults(args, options)
         self._check_types(defaults, "the defaults")
         groups = []
         for index, (tensors, options, excluded) in enumerate(_param_groups(params, self._NAME)):
@@ -146,7 +163,24 @@ class _BuiltFromParams:
             merged = {**defaults, **options, "lars_exclude": excluded}
             self._check_types(merged, f"param group {index}")
             groups.append((tensors, merged))
-        self._optimizer = build(param_groups=groups, defaults=defaults)
+        self._optimizer = self._BUILD(param_groups=groups, defaults=defaults)
+
+    @classmethod
+    def _defaults(cls, args: tuple[Any, ...], options: dict[str, Any]) -> dict[str, Any]:
+        """The options given, bound as ``_TWIN``'s constructor binds them, with its defaults."""
+        for name in _PYTHON_ONLY:
+            if name in options:
+                raise TypeError(
+                    f"{cls._NAME}: no `{name}` option: it chooses among the Python implementations of "
+                    f"torchlars.{cls._TWIN.__name__}, and this optimizer steps with liblars's"
+                )
+        try:
+            bound = inspect.signature(cls._TWIN).bind(None, *args, **options)
+        except TypeError as error:
+            raise TypeError(f"{cls._NAME}: {error}") from None
+        bound.apply_defaults()
+        defaults = {name: value for name, value in bound.arguments.items() if name not in ("params", *_PYTHON_ONLY)}
+        return {**defaults, "lars_exclude": False}
 
     @classmethod
     def _check_types(cls, options: dict[str, Any], where: str) -> None:
@@ -229,40 +263,12 @@ class LARSSGD(_BuiltFromParams):
     """
 
     _NAME = "torchlars.cpp.LARSSGD"
+    _TWIN = torchlars.LARSSGD
+    _BUILD = _C.LARSSGD
+    # The values themselves (signs, nesterov's needs, trust_ratio) are checked in C++.
     _NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coef")
     _BOOLS = ("nesterov", "maximize", "clip", "lars_exclude")
     _STRS = ("trust_ratio",)
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        *,
-        eps: float = 1e-8,
-        trust_coef: float = 0.001,
-        clip: bool = False,
-        trust_ratio: str = "paper",
-        maximize: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            eps=eps,
-            trust_coef=trust_coef,
-            clip=clip,
-            trust_ratio=trust_ratio,
-            lars_exclude=False,
-        )
-        # The values themselves (signs, nesterov's needs, trust_ratio) are checked in C++.
-        super().__init__(params, defaults, _C.LARSSGD)
 
 
 class LAMB(_BuiltFromParams):
@@ -290,43 +296,13 @@ class LAMB(_BuiltFromParams):
     """
 
     _NAME = "torchlars.cpp.LAMB"
+    _TWIN = torchlars.LAMB
+    _BUILD = _C.LAMB
+    # The values themselves (signs, betas in [0, 1)) are checked in C++.
     _NUMBERS = ("lr", "eps", "weight_decay", "trust_coef", "trust_eps")
     _OPTIONAL_NUMBERS = ("max_grad_norm",)
     _BOOLS = ("trust_clip", "always_adapt", "bias_correction", "maximize", "lars_exclude")
     _PAIRS = ("betas",)
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        *,
-        trust_coef: float = 1.0,
-        trust_eps: float = 0.0,
-        trust_clip: bool = False,
-        always_adapt: bool = False,
-        bias_correction: bool = True,
-        max_grad_norm: float | None = None,
-        maximize: bool = False,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            trust_coef=trust_coef,
-            trust_eps=trust_eps,
-            trust_clip=trust_clip,
-            always_adapt=always_adapt,
-            bias_correction=bias_correction,
-            max_grad_norm=max_grad_norm,
-            maximize=maximize,
-            lars_exclude=False,
-        )
-        # The values themselves (signs, betas in [0, 1)) are checked in C++.
-        super().__init__(params, defaults, _C.LAMB)
 
 
 def _param_groups(

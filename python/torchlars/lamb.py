@@ -24,6 +24,9 @@ from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms
 from torchlars._functional import LAMBSettings
 from torchlars._optimizer import (
     LayerwiseOptimizer,
+    check_fused_or_foreach,
+    check_non_negative,
+    check_one_element_lr,
     evaluate_closure,
     position,
     prepare_trust_ratio_record,
@@ -119,21 +122,16 @@ class LAMB(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("LAMB: a tensor `lr` must have one element")
+        check_one_element_lr("LAMB", lr)
         # (The value of an lr on a device is not read: that would wait for it, or fail on meta.)
-        if (not isinstance(lr, Tensor) or lr.device.type == "cpu") and not lr >= 0.0:
-            raise ValueError(f"LAMB: `lr` must be non-negative, got {lr}")
+        if not isinstance(lr, Tensor) or lr.device.type == "cpu":
+            check_non_negative("LAMB", lr=lr)
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"LAMB: `betas` must be two numbers in [0, 1), got {betas}")
-        for name, value in (("eps", eps), ("weight_decay", weight_decay), ("trust_coef", trust_coef),
-                            ("trust_eps", trust_eps)):
-            if not value >= 0.0:
-                raise ValueError(f"LAMB: `{name}` must be non-negative, got {value}")
+        check_non_negative("LAMB", eps=eps, weight_decay=weight_decay, trust_coef=trust_coef, trust_eps=trust_eps)
         if max_grad_norm is not None and not max_grad_norm > 0.0:
             raise ValueError(f"LAMB: `max_grad_norm` must be positive or None, got {max_grad_norm}")
-        if fused and foreach:
-            raise ValueError("LAMB: `fused=True` and `foreach=True` cannot be set together")
+        check_fused_or_foreach("LAMB", fused=fused, foreach=foreach)
         defaults = {
             "lr": lr,
             "betas": betas,

@@ -14,6 +14,9 @@ from torchlars._dispatch import fused_kernels_step, lars_sgd, skips_on_host, why
 from torchlars._functional import LARSSettings, MomentumSGD
 from torchlars._optimizer import (
     LayerwiseOptimizer,
+    check_fused_or_foreach,
+    check_non_negative,
+    check_one_element_lr,
     evaluate_closure,
     lars_settings,
     params_with_dense_grads,
@@ -81,22 +84,15 @@ class LARSSGD(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("LARSSGD: a tensor `lr` must have one element")
-        if not lr >= 0.0:
-            raise ValueError(f"LARSSGD: `lr` must be non-negative, got {lr}")
-        if not momentum >= 0.0:
-            raise ValueError(f"LARSSGD: `momentum` must be non-negative, got {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"LARSSGD: `weight_decay` must be non-negative, got {weight_decay}")
+        check_one_element_lr("LARSSGD", lr)
+        check_non_negative("LARSSGD", lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("LARSSGD: `nesterov=True` needs a positive `momentum` and `dampening=0`")
         lars_settings(
             "LARSSGD", eps=eps, trust_coef=trust_coef, clip=clip, trust_ratio=trust_ratio,
             trust_ratios=("paper", "decayed"),
         )
-        if fused and foreach:
-            raise ValueError("LARSSGD: `fused=True` and `foreach=True` cannot be set together")
+        check_fused_or_foreach("LARSSGD", fused=fused, foreach=foreach)
         defaults = {
             "lr": lr,
             "momentum": momentum,
