@@ -389,15 +389,8 @@ def _bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float, dty
 
 
 def _multi_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    settings: LAMBSettings,
-    *,
-    lr: float | Tensor,
-    grad_scale: Tensor | None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], settings: LAMBSettings, *, lr: float | Tensor, grad_scale: Tensor | None
 ) -> Tensor:
     """:func:`lamb` in ``torch._foreach_*`` ops for tensors of one device and dtype, a fixed number
     of ops whatever their count; returns their ratios."""
@@ -439,44 +432,12 @@ def _multi_tensor_lamb(
 
 
 def _single_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    settings: LAMBSettings,
-    *,
-    lr: float | Tensor,
-    grad_scale: Tensor | None,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], settings: LAMBSettings, **step: Any
 ) -> Tensor:
-    """:func:`lamb` one parameter at a time (``foreach=False``), for tensors of one device and
-    dtype; returns their ratios."""
-    ratio_dtype = norm_dtype(params[0].dtype) or params[0].dtype
-    beta1, beta2, eps, weight_decay = settings.beta1, settings.beta2, settings.eps, settings.weight_decay
-    ratios = []
-    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        if grad_scale is not None:
-            grad = grad / grad_scale
-        if settings.maximize:
-            grad = -grad
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if settings.bias_correction:
-            bias_correction1, bias_correction2_sqrt = _bias_corrections([step], beta1, beta2, ratio_dtype)
-            update = (exp_avg / bias_correction1[0]) / (exp_avg_sq.sqrt() / bias_correction2_sqrt[0] + eps)
-        else:
-            update = exp_avg / (exp_avg_sq.sqrt() + eps)
-        if weight_decay != 0:
-            update.add_(param, alpha=weight_decay)
-        if settings.adapt:
-            ratio = lamb_trust_ratio(
-                torch.linalg.vector_norm(param, dtype=norm_dtype(param.dtype)),
-                torch.linalg.vector_norm(update, dtype=norm_dtype(update.dtype)),
-                settings,
-            )
-            param.add_(update * (ratio * -lr))
-        else:
-            ratio = torch.ones((), dtype=ratio_dtype, device=param.device)
-            param.add_(update * -lr)
-        ratios.append(ratio)
-    return torch.stack(ratios)
+    """:func:`_multi_tensor_lamb` one parameter at a time (``foreach=False``); returns the ratios."""
+    return torch.cat([
+        _multi_tensor_lamb(*(tensors[i : i + 1] for tensors in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
+                           settings, **step)
+        for i in range(len(params))
+    ])
