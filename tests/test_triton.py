@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import torchlars
 import torchlars._dispatch
 import torchlars._functional
 from torchlars import LARS, LARSSGD
@@ -551,8 +552,9 @@ def _kernels_per_step(make_optimizer, count):
         lambda params: LARS(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)),
         lambda params: LARSSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4),
         lambda params: LARSSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, maximize=True, fused=True),
+        lambda params: torchlars.LAMB(params, lr=0.01, weight_decay=0.01),
     ],
-    ids=["LARS(SGD(foreach))", "LARSSGD", "LARSSGD(fused, maximize)"],
+    ids=["LARS(SGD(foreach))", "LARSSGD", "LARSSGD(fused, maximize)", "LAMB"],
 )
 def test_the_kernel_count_does_not_grow_with_the_parameters(triton_module, make_optimizer):
     few, many = _kernels_per_step(make_optimizer, 40), _kernels_per_step(make_optimizer, 160)
@@ -580,6 +582,20 @@ def test_lars_adds_at_most_four_kernels_to_its_base_step(triton_module, count, f
         assert lars.kernels <= 4, lars.ops
     else:
         assert lars.kernels - base.kernels <= 4, (lars.ops, base.ops)
+
+
+@needs_triton
+def test_the_update_ratio_adds_a_constant_number_of_kernels_to_its_base_step(triton_module):
+    # The copy of the weights before the base's step, the three kernels of the scaling, and the
+    # upload of the copies' addresses, new every step here. (The base, torch's foreach AdamW,
+    # launches more kernels for more parameters on its own.)
+    def added(count):
+        options = dict(lr=0.01, weight_decay=0.01, foreach=True)
+        lars = _kernels_per_step(lambda p: LARS(torch.optim.AdamW(p, **options), trust_coef=1.0, eps=0.0,
+                                                trust_ratio="update"), count)
+        return lars.kernels - _kernels_per_step(lambda p: torch.optim.AdamW(p, **options), count).kernels
+
+    assert added(40) == added(160) <= 5
 
 
 def test_the_kernel_count_sees_a_per_tensor_foreach():
