@@ -21,6 +21,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The project's environment (scripts/setup.sh's .venv) where the interpreter on PATH has no torch.
+if ! $PYTHON -c "import torch" 2>/dev/null && [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python
+fi
 BUDGET_S=${BUDGET_S:-470}  # 8 minutes less a margin for the summary
 START=$SECONDS
 
