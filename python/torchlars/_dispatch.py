@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from torchlars._foreach import grouped_by_device_and_dtype
+from torchlars._foreach import grouped_by_device_and_dtype, undone_where_found_inf
 from torchlars._functional import (
     LARSSettings,
     MomentumSGD,
@@ -114,7 +114,12 @@ def implementation(
         if kernel is not None:
             return kernel
         if fused:
-            raise RuntimeError(f"{owner}: `fused=True`: {why_no_fused_kernel(tensors[0])}")
+            problem = next(
+                (problem for problem in map(why_no_fused_kernel, tensors) if problem),
+                "the fused kernels step the tensors of a parameter (its gradient, its state) when they share its "
+                "device, dtype and layout, and these do not. Use fused=None or foreach=True.",
+            )
+            raise RuntimeError(f"{owner}: `fused=True`: {problem}")
     return "single" if foreach is False else "foreach"
 
 
@@ -266,11 +271,17 @@ def lars_sgd(
             else:
                 buffers = [bucket_buffers[i] for i in positions]
             kind = chosen[key]
-            step = {"foreach": multi_tensor_lars_sgd, "single": single_tensor_lars_sgd}.get(kind) or (
-                fused_kernels(kind).lars_sgd_
-            )
-            ratios += step(call_params, call_grads, buffers, settings, sgd, first_step=first_step,
-                           grad_scale=grad_scale, found_inf=found_inf)
+            if kind in ("triton", "fused"):
+                ratios += fused_kernels(kind).lars_sgd_(call_params, call_grads, buffers, settings, sgd,
+                                                         first_step=first_step, grad_scale=grad_scale,
+                                                         found_inf=found_inf)
+            else:
+                step = multi_tensor_lars_sgd if kind == "foreach" else single_tensor_lars_sgd
+                ratios += undone_where_found_inf(
+                    found_inf, [*call_params, *buffers],
+                    lambda: step(call_params, call_grads, buffers, settings, sgd, first_step=first_step,
+                                 grad_scale=grad_scale),
+                )
     return ratios
 
 

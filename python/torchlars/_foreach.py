@@ -4,18 +4,26 @@
 - :func:`norms`: the L2 norm of every tensor of a list, stacked.
 - :func:`decay_` and :func:`decay_and_scale_`: :math:`g \\leftarrow (g + \\lambda w) \\cdot r`.
 - :func:`grouped_by_device_and_dtype`: torch's own grouping of tensor lists.
+- :func:`undone_where_found_inf`: a step taken back where GradScaler found an overflow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import importlib
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["decay_", "decay_and_scale_", "grouped_by_device_and_dtype", "norm_dtype", "norms"]
+__all__ = [
+    "decay_",
+    "decay_and_scale_",
+    "grouped_by_device_and_dtype",
+    "norm_dtype",
+    "norms",
+    "undone_where_found_inf",
+]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -150,3 +158,20 @@ def _cpu_blocks(
                 block_params, block_grads, block_ratios, block_numel = [], [], [], 0
     if block_params:
         yield block_params, block_grads, block_ratios
+
+
+_Result = TypeVar("_Result")
+
+
+def undone_where_found_inf(found_inf: Tensor | None, stepped: list[Tensor], step: Callable[[], _Result]) -> _Result:
+    """``step()``, with the tensors it writes (``stepped``) put back as they were where GradScaler's
+    ``found_inf`` is non-zero: the plain implementations' way to skip an overflowing step (the
+    fused kernels read the flag themselves). Tensor ops: nothing waits on the device."""
+    if found_inf is None:
+        return step()
+    before = [tensor.clone() for tensor in stepped]
+    result = step()
+    skip = found_inf != 0
+    for tensor, old in zip(stepped, before):
+        tensor.copy_(torch.where(skip, old, tensor))
+    return result

@@ -251,13 +251,13 @@ def single_tensor_lars_sgd(
 
 def multi_tensor_lars_sgd(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], settings: LARSSettings,
-    sgd: MomentumSGD, *, first_step: bool, grad_scale: Tensor | None, found_inf: Tensor | None
+    sgd: MomentumSGD, *, first_step: bool, grad_scale: Tensor | None
 ) -> list[tuple[list[Tensor], Tensor]]:
     """One LARS-momentum step of tensors of one device and dtype in ``torch._foreach_*`` ops;
     returns the parameters and their ratios. ``momentum_buffers`` are empty without momentum;
     on a ``first_step`` they are set to the first update. The caller's gradients are left as
-    they are. GradScaler's ``grad_scale`` divides the gradients; a non-zero ``found_inf``
-    leaves everything as it was."""
+    they are. GradScaler's ``grad_scale`` divides the gradients (its ``found_inf`` is the
+    caller's: :func:`torchlars._foreach.undone_where_found_inf`)."""
     dtype = params[0].dtype
     lr, weight_decay, momentum = sgd.lr, sgd.weight_decay, sgd.momentum
     # New tensors from here on: the caller's gradients stay as they are.
@@ -273,9 +273,6 @@ def multi_tensor_lars_sgd(
         torch._foreach_mul_(updates, ratios.unbind(0))
     else:
         updates = torch._foreach_mul(grads, ratios.unbind(0))
-    if found_inf is not None:
-        # Kept to restore on an overflow: parameters and buffers before their update.
-        old = [tensor.clone() for tensor in (*params, *momentum_buffers)]
     if momentum != 0:
         if first_step:
             torch._foreach_copy_(momentum_buffers, updates)
@@ -291,8 +288,4 @@ def multi_tensor_lars_sgd(
         torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
-    if found_inf is not None:
-        skip = found_inf != 0
-        for tensor, before in zip((*params, *momentum_buffers), old):
-            tensor.copy_(torch.where(skip, before, tensor))
     return [(params, ratios)]

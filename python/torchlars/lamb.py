@@ -20,7 +20,7 @@ from torch.optim.optimizer import ParamsT
 
 from torchlars._dispatch import fused_kernels, fused_kernels_step, implementation, skips_on_host, why_no_fused_kernel
 from torchlars._distributed import sharding_problem
-from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms
+from torchlars._foreach import grouped_by_device_and_dtype, norm_dtype, norms, undone_where_found_inf
 from torchlars._functional import LAMBSettings
 from torchlars._optimizer import (
     LayerwiseOptimizer,
@@ -243,20 +243,21 @@ class LAMB(LayerwiseOptimizer):
                     [grad for _, grads, *_ in gathered for grad in grads], max_grad_norm, grad_scale
                 )
             for group, (params, grads, exp_avgs, exp_avg_sqs, state_steps) in zip(self.param_groups, gathered):
+                adapted = _adapted(group)
                 group_ratios = lamb(
                     params,
                     grads,
                     exp_avgs,
                     exp_avg_sqs,
                     state_steps,
-                    LAMBSettings.of(group, adapt=_adapted(group)),
+                    LAMBSettings.of(group, adapt=adapted),
                     lr=group["lr"],
                     foreach=group["foreach"],
                     fused=group["fused"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                 )
-                if _adapted(group):
+                if adapted:
                     ratios += group_ratios
         record_trust_ratios(self, ratios)
         return loss
@@ -344,7 +345,10 @@ def lamb(
             bucket_ratios = fused_kernels(kind).lamb_(*tensors, settings, lr=lr, **amp)
         else:
             step = _multi_tensor_lamb if kind == "foreach" else _single_tensor_lamb
-            bucket_ratios = _unless_found_inf(step, *tensors, settings, lr=lr, **amp)
+            bucket_ratios = undone_where_found_inf(
+                amp["found_inf"], [*tensors[0], *tensors[2], *tensors[3]],
+                lambda: step(*tensors, settings, lr=lr, grad_scale=amp["grad_scale"]),
+            )
         if amp["found_inf"] is not None:
             torch._foreach_sub_(steps, [amp["found_inf"]] * len(steps))
         ratios.append((tensors[0], bucket_ratios))
@@ -353,31 +357,6 @@ def lamb(
 
 # ---------------------------------------------------------------------------------------
 # torch._foreach_* ops, and one parameter at a time
-
-
-def _unless_found_inf(
-    implementation: Callable[..., Tensor],
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    settings: LAMBSettings,
-    *,
-    found_inf: Tensor | None,
-    **step: Any,
-) -> Tensor:
-    """``implementation``'s step, undone where ``found_inf`` is non-zero (on a GPU or compiled: an
-    eager CPU step GradScaler skips returns before). Tensor ops: nothing waits on the device."""
-    if found_inf is None:
-        return implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, settings, **step)
-    stepped = [*params, *exp_avgs, *exp_avg_sqs]
-    before = [tensor.clone() for tensor in stepped]
-    ratios = implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, settings, **step)
-    skip = found_inf != 0
-    for tensor, old in zip(stepped, before):
-        tensor.copy_(torch.where(skip, old, tensor))
-    return ratios
 
 
 def _bias_corrections(state_steps: list[Tensor], beta1: float, beta2: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
