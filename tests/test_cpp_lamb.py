@@ -90,7 +90,7 @@ def test_cpp_lamb_matches_the_reference(name, dtype, tolerance):
     state = {}
     for step_grads in grads:
         for p, g in zip(params, step_grads):
-            p.grad = g
+            p.grad = g.clone()  # a fused fp32/fp64 step leaves its update u there
         optimizer.step()
         reference_lamb_step(reference, step_grads, state, options)
     assert_close_to_scale(params, reference, tolerance)
@@ -112,7 +112,7 @@ def test_operator_matches_the_reference(name, dtype, tolerance):
         for step in steps:
             step += 1
         ratios = step_lamb(
-            ops, params, step_grads, exp_avgs, exp_avg_sqs, steps, lr=options["lr"], beta1=beta1, beta2=beta2,
+            ops, params, [g.clone() for g in step_grads], exp_avgs, exp_avg_sqs, steps, lr=options["lr"], beta1=beta1, beta2=beta2,
             eps=options["eps"], weight_decay=options["weight_decay"], trust_coef=options["trust_coef"],
             trust_eps=options["trust_eps"], trust_clip=options["trust_clip"],
             adapt=options["weight_decay"] != 0 or options["always_adapt"],
@@ -122,6 +122,75 @@ def test_operator_matches_the_reference(name, dtype, tolerance):
     assert ratios.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ratios.shape == (len(params),)
     assert_close_to_scale(params, reference, tolerance)
+
+
+def _one_step(params, grads, dtype, adapt=True):
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    ratios = step_lamb(
+        ops, params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(1.0) for _ in params], lr=0.01, beta1=0.9,
+        beta2=0.999, eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=adapt,
+        bias_correction=True, maximize=False)
+    return exp_avgs, exp_avg_sqs, ratios
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_an_adapted_step_leaves_its_update_in_the_gradients(dtype):
+    # The documented scratch (lars/fused.h, as apex's FusedLAMB): u = m_hat / (sqrt(v_hat) + eps) + wd * w,
+    # of the weights before the step, in the gradients' place.
+    init, grads = draw(dtype)
+    params = [p.clone() for p in init]
+    given = [g.clone() for g in grads[0]]
+    exp_avgs, exp_avg_sqs, _ = _one_step(params, given, dtype)
+    for g, w, m, v in zip(given, init, exp_avgs, exp_avg_sqs):
+        u = (m / 0.1) / ((v / 0.001).sqrt() + 1e-6) + 0.02 * w
+        torch.testing.assert_close(g, u, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype, adapt", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)],
+                         ids=["bf16", "fp16", "fp32_not_adapted"])
+def test_half_types_and_unadapted_steps_leave_the_gradients(dtype, adapt):
+    init, grads = draw(dtype)
+    given = [g.clone() for g in grads[0]]
+    _one_step([p.clone() for p in init], given, dtype, adapt=adapt)
+    for g, h in zip(given, grads[0]):
+        torch.testing.assert_close(g, h, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_params_sharing_one_gradient_step_as_with_their_own(dtype):
+    # Were u written over a gradient two params read, the second would step on the first's u.
+    generator = torch.Generator().manual_seed(3)
+    init = [(torch.randn(40, 30, generator=generator) * scale).to(dtype) for scale in (1.0, 3.0, 0.5)]
+    shared = (torch.randn(40, 30, generator=generator) * 0.1).to(dtype)
+    aliased = [p.clone() for p in init]
+    own = [p.clone() for p in init]
+    # Params 0 and 2 are given one tensor; param 1 a view into the same storage that overlaps it.
+    flat = torch.cat([shared.flatten(), shared.flatten()[:600]])
+    grads = [flat[:1200].view(40, 30), flat[600:].view(40, 30), flat[:1200].view(40, 30)]
+    expected_grads = [g.clone() for g in grads]
+    _, _, ratios = _one_step(aliased, grads, dtype)
+    _, _, own_ratios = _one_step(own, expected_grads, dtype)
+    torch.testing.assert_close(ratios, own_ratios, rtol=0, atol=0)
+    for a, b in zip(aliased, own):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradients_in_one_flat_buffer_step_as_separate_ones():
+    # Views that do not overlap (one flat buffer, as DDP's buckets): each keeps its own u.
+    init, grads = draw(torch.float32)
+    flat = torch.cat([g.flatten() for g in grads[0]])
+    views, offset = [], 0
+    for g in grads[0]:
+        views.append(flat[offset:offset + g.numel()].view(g.shape))
+        offset += g.numel()
+    separate = [g.clone() for g in grads[0]]
+    in_flat = [p.clone() for p in init]
+    apart = [p.clone() for p in init]
+    _one_step(in_flat, views, torch.float32)
+    _one_step(apart, separate, torch.float32)
+    for a, b in zip(in_flat + views, apart + separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_cpp_lamb_and_the_operator_agree_in_bf16():
@@ -135,7 +204,7 @@ def test_cpp_lamb_and_the_operator_agree_in_bf16():
     steps = [torch.tensor(0.0) for _ in init]
     for step_grads in grads[:2]:
         for p, g in zip(through_class, step_grads):
-            p.grad = g
+            p.grad = g.clone()
         optimizer.step()
         for step in steps:
             step += 1
@@ -191,7 +260,7 @@ def test_operator_compiles_to_one_graph():
     compiled = [p.clone() for p in init]
 
     def step(params, exp_avgs, exp_avg_sqs, steps, lr):
-        return step_lamb(ops, params, grads[0], exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=0.9, beta2=0.999,
+        return step_lamb(ops, params, [g.clone() for g in grads[0]], exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=0.9, beta2=0.999,
                          eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False, adapt=True,
                          bias_correction=True, maximize=False)
 
@@ -243,7 +312,7 @@ def _lamb_steps_on(inputs):
         exp_avg_sqs = [torch.zeros_like(p) for p in params]
         for step in range(1, 4):
             ratios = step_lamb(
-                ops, params, grads, exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], lr=0.01,
+                ops, params, [g.clone() for g in grads], exp_avgs, exp_avg_sqs, [torch.tensor(float(step)) for _ in params], lr=0.01,
                 beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.02, trust_coef=1.0, trust_eps=0.0, trust_clip=False,
                 adapt=True, bias_correction=True, maximize=False, grad_scale=torch.tensor(3.0))
         out += params + exp_avgs + exp_avg_sqs + [ratios]

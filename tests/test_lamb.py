@@ -112,7 +112,7 @@ def _run(options, layout, dtype, steps=3, grad_scale=1.0, **implementation):
     for step in range(steps):
         grads = _grads(params, step, grad_scale)
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g.clone()  # a fused fp32/fp64 step leaves its update u there
         optimizer.step()
         by_group = [[g for p, g in zip(params, grads) if any(p is q for q in group["params"])]
                     for group in optimizer.param_groups]

@@ -25,13 +25,16 @@ struct SgdSlot {
   at::Tensor momentum_buffer; // undefined without momentum
 };
 
-// w, g, m and v of one tensor, dense and laid out alike, and its step number.
+// w, g, m and v of one tensor, dense and laid out alike, and its step number. With
+// `update_in_grad` the first pass of an adapted step writes u over g (read before, in the same
+// block) and the second reads it back; without, the second makes u again from m and v.
 struct LambSlot {
   at::Tensor param;
   at::Tensor grad;
   at::Tensor exp_avg;
   at::Tensor exp_avg_sq;
   double step;
+  bool update_in_grad;
 };
 
 // The steps of `slots` (one dtype); each writes, if it is defined, the ratios into

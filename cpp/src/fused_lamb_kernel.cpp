@@ -13,10 +13,10 @@
 #include <lars/lamb.h>
 
 #include <ATen/Dispatch.h>
+#include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -77,50 +77,58 @@ C10_ALWAYS_INLINE Lanes<scalar_t> lamb_update(
   return u;
 }
 
-// Pass 1 over a chunk: m and v updated in place, and the sums of squares of w and (when
-// `adapt`) of u. u is also kept in `scratch` (at the chunk's place in its batch) where given.
+// m and v of a block updated and stored, and returned as the rest of the step reads them
+// (rounded to scalar_t for half types, as the second pass finds them in memory).
+template <typename scalar_t, typename Count>
+C10_ALWAYS_INLINE std::pair<Lanes<scalar_t>, Lanes<scalar_t>> update_moments(
+    const scalar_t* grad,
+    scalar_t* exp_avg,
+    scalar_t* exp_avg_sq,
+    int64_t i,
+    Count count,
+    const LambConstants<scalar_t>& k) {
+  using Vec = typename Lanes<scalar_t>::Vec;
+  Lanes<scalar_t> g = Lanes<scalar_t>::load(grad + i, count);
+  if (k.unscale) {
+    g = map(g, [&](const Vec& x) { return x / k.scale; });
+  }
+  if (k.maximize) {
+    g = map(g, [](const Vec& x) { return x.neg(); });
+  }
+  Lanes<scalar_t> m = map(Lanes<scalar_t>::load(exp_avg + i, count), g, [&](const Vec& m_, const Vec& g_) {
+    return m_ * k.beta1 + g_ * k.one_minus_beta1;
+  });
+  Lanes<scalar_t> v = map(Lanes<scalar_t>::load(exp_avg_sq + i, count), g, [&](const Vec& v_, const Vec& g_) {
+    return v_ * k.beta2 + g_ * g_ * k.one_minus_beta2;
+  });
+  m.store(exp_avg + i, count);
+  v.store(exp_avg_sq + i, count);
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    m = Lanes<scalar_t>::load(exp_avg + i, count);
+    v = Lanes<scalar_t>::load(exp_avg_sq + i, count);
+  }
+  return {m, v};
+}
+
+// Pass 1 of an adapted step over a chunk: m and v updated in place, and the sums of squares of
+// w and u; u written over g where the slot says so (g of the block is read by then).
 template <typename scalar_t>
 std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> moments_and_square_sums(
     const LambSlot& slot,
     const Chunk& chunk,
-    const LambConstants<scalar_t>& k,
-    bool adapt,
-    scalar_t* scratch) {
-  using Vec = typename Lanes<scalar_t>::Vec;
+    const LambConstants<scalar_t>& k) {
   const scalar_t* param = data_of<scalar_t>(slot.param);
-  const scalar_t* grad = data_of<scalar_t>(slot.grad);
+  scalar_t* grad = mutable_data_of<scalar_t>(slot.grad);
   scalar_t* exp_avg = mutable_data_of<scalar_t>(slot.exp_avg);
   scalar_t* exp_avg_sq = mutable_data_of<scalar_t>(slot.exp_avg_sq);
   SquareSum<scalar_t> param_sum;
   SquareSum<scalar_t> update_sum;
   for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
-    Lanes<scalar_t> g = Lanes<scalar_t>::load(grad + i, count);
-    if (k.unscale) {
-      g = map(g, [&](const Vec& x) { return x / k.scale; });
-    }
-    if (k.maximize) {
-      g = map(g, [](const Vec& x) { return x.neg(); });
-    }
-    Lanes<scalar_t> m = map(Lanes<scalar_t>::load(exp_avg + i, count), g, [&](const Vec& m_, const Vec& g_) {
-      return m_ * k.beta1 + g_ * k.one_minus_beta1;
-    });
-    Lanes<scalar_t> v = map(Lanes<scalar_t>::load(exp_avg_sq + i, count), g, [&](const Vec& v_, const Vec& g_) {
-      return v_ * k.beta2 + g_ * g_ * k.one_minus_beta2;
-    });
-    m.store(exp_avg + i, count);
-    v.store(exp_avg_sq + i, count);
-    if (!adapt && scratch == nullptr) {
-      return;
-    }
-    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      // u from the rounded m and v that pass 2 reads.
-      m = Lanes<scalar_t>::load(exp_avg + i, count);
-      v = Lanes<scalar_t>::load(exp_avg_sq + i, count);
-    }
+    const auto [m, v] = update_moments(grad, exp_avg, exp_avg_sq, i, count, k);
     const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
     const Lanes<scalar_t> u = lamb_update(m, v, w, k);
-    if (scratch != nullptr) {
-      u.store(scratch + chunk.in_batch + (i - chunk.begin), count);
+    if (slot.update_in_grad) {
+      u.store(grad + i, count);
     }
     param_sum.add(w, count);
     update_sum.add(u, count);
@@ -128,26 +136,48 @@ std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> moments_and_squa
   return {param_sum.total(), update_sum.total()};
 }
 
-// Pass 2 over a chunk: w = w - (lr * r) * u, u read from `scratch` where given, else made again
-// from m and v (by the same function: the same bits).
+// Pass 2 of an adapted step over a chunk: w = w - (lr * r) * u, u read back from g where pass 1
+// left it there, else made again from m and v (by the same function: the same bits).
 template <typename scalar_t>
 void update_chunk(
     const LambSlot& slot,
     const Chunk& chunk,
     at::opmath_type<scalar_t> step_size,
-    const LambConstants<scalar_t>& k,
-    const scalar_t* scratch) {
+    const LambConstants<scalar_t>& k) {
   using Vec = typename Lanes<scalar_t>::Vec;
   scalar_t* param = mutable_data_of<scalar_t>(slot.param);
+  const scalar_t* grad = data_of<scalar_t>(slot.grad);
   const scalar_t* exp_avg = data_of<scalar_t>(slot.exp_avg);
   const scalar_t* exp_avg_sq = data_of<scalar_t>(slot.exp_avg_sq);
   const Vec step(step_size);
   for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
     const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
-    const Lanes<scalar_t> u = scratch != nullptr
-        ? Lanes<scalar_t>::load(scratch + chunk.in_batch + (i - chunk.begin), count)
+    const Lanes<scalar_t> u = slot.update_in_grad
+        ? Lanes<scalar_t>::load(grad + i, count)
         : lamb_update(Lanes<scalar_t>::load(exp_avg + i, count), Lanes<scalar_t>::load(exp_avg_sq + i, count), w, k);
     map(w, u, [&](const Vec& w_, const Vec& u_) { return w_ - u_ * step; }).store(param + i, count);
+  });
+}
+
+// A step that is not adapted (r = 1) over a chunk: AdamW's, in one pass. The same bits as the
+// two passes would give: u from m and v as they are stored.
+template <typename scalar_t>
+void adamw_chunk(
+    const LambSlot& slot,
+    const Chunk& chunk,
+    at::opmath_type<scalar_t> step_size,
+    const LambConstants<scalar_t>& k) {
+  using Vec = typename Lanes<scalar_t>::Vec;
+  scalar_t* param = mutable_data_of<scalar_t>(slot.param);
+  const scalar_t* grad = data_of<scalar_t>(slot.grad);
+  scalar_t* exp_avg = mutable_data_of<scalar_t>(slot.exp_avg);
+  scalar_t* exp_avg_sq = mutable_data_of<scalar_t>(slot.exp_avg_sq);
+  const Vec step(step_size);
+  for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
+    const auto [m, v] = update_moments(grad, exp_avg, exp_avg_sq, i, count, k);
+    const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
+    map(w, lamb_update(m, v, w, k), [&](const Vec& w_, const Vec& u_) { return w_ - u_ * step; })
+        .store(param + i, count);
   });
 }
 
@@ -165,48 +195,34 @@ void lamb_typed(
     numels.push_back(slot.param.numel());
     constants.emplace_back(options, slot.step, grad_scale);
   }
-  // fp32 and fp64 keep u of a batch between the passes instead of making it again: a write and
-  // a read of u for two reads of m and v, and one sqrt and one division per element instead of
-  // two (the step is bound by them on one core). Half types make u again: u in fp32 would cost
-  // more memory traffic than m and v in 16 bits. So does a tensor of more than 16 MB: a scratch
-  // that large is mapped anew by malloc every step, a page fault per 4 KB (an embedding of 23M
-  // elements stepped in 2.5x AdamW's time with it, 1.8x without).
-  constexpr int64_t kScratchNumel = (int64_t{16} << 20) / static_cast<int64_t>(sizeof(scalar_t));
-  int64_t scratch_numel = 0;
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    if (adapt) {
-      scratch_numel = kBatchNumel;
-      for (const int64_t numel : numels) {
-        if (numel <= kScratchNumel) {
-          scratch_numel = std::max(scratch_numel, numel);
-        }
+  if (!adapt) {
+    const std::vector<Chunk> chunks = chunks_of(numels, 0, static_cast<int64_t>(numels.size()));
+    const auto step_size = static_cast<opmath_t>(options.lr());
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        adamw_chunk<scalar_t>(slots[chunks[c].tensor], chunks[c], step_size, constants[chunks[c].tensor]);
       }
+    });
+    for (const auto i : c10::irange(static_cast<int64_t>(slots.size()))) {
+      write_ratio(trust_ratios, i, 1.0);
     }
+    return;
   }
-  // Uninitialised: pass 1 writes every element pass 2 reads.
-  const std::unique_ptr<scalar_t[]> scratch(scratch_numel > 0 ? new scalar_t[scratch_numel] : nullptr);
-  const auto scratch_of = [&](const Chunk& chunk) -> scalar_t* {
-    return numels[chunk.tensor] <= scratch_numel ? scratch.get() : nullptr;
-  };
   two_passes<opmath_t>(
       numels, kBatchNumel,
       [&](const Chunk& chunk) {
-        return moments_and_square_sums<scalar_t>(
-            slots[chunk.tensor], chunk, constants[chunk.tensor], adapt, scratch_of(chunk));
+        return moments_and_square_sums<scalar_t>(slots[chunk.tensor], chunk, constants[chunk.tensor]);
       },
       [&](int64_t i, double param_norm, double update_norm) {
-        double ratio = 1.0;
-        if (adapt) {
-          ratio = trust_ratio(
-              param_norm, update_norm, 0.0, options.lr(), options.trust_eps(), options.trust_coef(), false,
-              TrustRatio::kUpdate);
-          ratio = options.trust_clip() ? std::min(ratio, 1.0) : ratio;
-        }
+        double ratio = trust_ratio(
+            param_norm, update_norm, 0.0, options.lr(), options.trust_eps(), options.trust_coef(), false,
+            TrustRatio::kUpdate);
+        ratio = options.trust_clip() ? std::min(ratio, 1.0) : ratio;
         write_ratio(trust_ratios, i, ratio);
         return static_cast<opmath_t>(options.lr() * ratio);
       },
       [&](const Chunk& chunk, opmath_t step_size) {
-        update_chunk<scalar_t>(slots[chunk.tensor], chunk, step_size, constants[chunk.tensor], scratch_of(chunk));
+        update_chunk<scalar_t>(slots[chunk.tensor], chunk, step_size, constants[chunk.tensor]);
       });
 }
 

@@ -116,7 +116,7 @@ TORCH_LIBRARY(torchlars, m) {
       "bool is_first_step, float eps, float trust_coef, bool clip, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, str trust_ratio=\"paper\", Tensor(c!)? trust_ratios=None) -> ()");
   m.def(
-      "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "lamb_(Tensor(a!)[] params, Tensor(d!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] state_steps, *, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
       "float trust_coef, float trust_eps, bool trust_clip, bool adapt, bool bias_correction, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");

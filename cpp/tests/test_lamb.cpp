@@ -70,7 +70,8 @@ std::vector<at::Tensor> draw_params(at::ScalarType dtype) {
 }
 
 void set_grad(const at::Tensor& param, const at::Tensor& grad) {
-  param.mutable_grad() = grad.to(param.scalar_type());
+  // A copy: an adapted fp32/fp64 step leaves its update u in the gradient.
+  param.mutable_grad() = grad.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
 }
 
 // max |a - b| / max |b|.
@@ -165,6 +166,18 @@ TEST(LAMB, ANoDecayGroupStepsAsAdamW) {
   }
   EXPECT_LE(relative_error(lamb_w.detach(), adamw_w.detach()), 1e-6);
   EXPECT_TRUE(lamb.trust_ratios().empty()); // not adapted: no ratios
+}
+
+TEST(LAMB, AnAdaptedFp32StepLeavesItsUpdateInTheGradient) {
+  const auto init = at::randn({300, 70}); // several chunks of the kernel
+  auto w = init.clone().requires_grad_(true);
+  lars::LAMB lamb({w}, LAMBOptions(0.01).weight_decay(0.02).eps(1e-6));
+  set_grad(w, at::randn({300, 70}) * 0.1);
+  lamb.step();
+  const auto& state = static_cast<torch::optim::AdamWParamState&>(*lamb.state().at(w.unsafeGetTensorImpl()));
+  // u = m_hat / (sqrt(v_hat) + eps) + wd * w, of the weights before the step (step 1).
+  const auto u = (state.exp_avg() / 0.1) / ((state.exp_avg_sq() / 0.001).sqrt() + 1e-6) + 0.02 * init;
+  EXPECT_LE(relative_error(w.grad(), u), 1e-6);
 }
 
 TEST(LAMB, ArchiveLoadsIntoAPlainAdamW) {

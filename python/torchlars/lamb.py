@@ -102,6 +102,13 @@ class LAMB(LayerwiseOptimizer):
             an overflowing step without waiting for the device.
 
     ``trust_ratios()`` returns the ratio of the last step of every adapted parameter.
+
+    ``.grad`` after a step: the fused CPU operator keeps :math:`u` of an adapted fp32 or fp64
+    parameter in its ``.grad`` between its two passes, as apex's ``FusedLAMB`` does, and leaves it
+    there (which spares the second pass reading m and v again: on a BERT-sized embedding the step
+    takes about 1.45x ``AdamW(fused=True)``'s time instead of 1.75x). Every other path, half types,
+    groups that are not adapted and a gradient shared by two parameters keep the caller's
+    gradient. Gradients are cleared before the next backward as usual (``zero_grad()``).
     """
 
     def __init__(

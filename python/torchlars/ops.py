@@ -94,7 +94,9 @@ def lamb_(
     r"""One LAMB step of CPU tensors of one dtype, by liblars's fused operator (``lars::lamb_``).
 
     The step of :class:`torchlars.LAMB` (its docstring states the algorithm): ``exp_avgs`` and
-    ``exp_avg_sqs`` are updated and ``params`` written in place; ``grads`` are read only.
+    ``exp_avg_sqs`` are updated and ``params`` written in place; in fp32 and fp64 an adapted
+    step leaves each update u in ``grads`` (its scratch between the passes; not where a gradient
+    shares memory with another tensor of the call).
     ``state_steps`` are the step numbers, already counted (one-element CPU tensors, as torch's
     fused AdamW takes them). ``adapt=False`` steps as AdamW (ratio 1); ``grad_scale`` divides
     the gradients first (GradScaler's, or a ``max_grad_norm`` clip); a non-zero ``found_inf``

@@ -62,9 +62,13 @@ void lars_sgd_(
 ///     w = w - lr * r * u
 ///
 /// with bc1 = 1 - beta1^t and bc2 = 1 - beta2^t (1 without bias_correction). Two passes: the
-/// first updates m and v and sums |w|^2 and |u|^2, the second recomputes u from m and v and
-/// writes w; block by block, norms in an order fixed by the sizes, half types in fp32, fp64 in
-/// fp64, as lars_sgd_. If `found_inf` is non-zero, nothing is modified. Returns the ratios r,
+/// first updates m and v and sums |w|^2 and |u|^2, the second writes w; block by block, norms
+/// in an order fixed by the sizes, half types in fp32, fp64 in fp64, as lars_sgd_. In fp32 and
+/// fp64 the first pass writes u over g and the second reads it back, as apex's FusedLAMB does:
+/// after an adapted step, grads[i] holds u (unless it shares memory with another tensor of the
+/// call, or is laid out unlike params[i]). Half types make u again from m and v instead; a step
+/// that is not adapted is AdamW's, in one pass, and leaves grads as they were. If `found_inf`
+/// is non-zero, nothing is modified. Returns the ratios r,
 /// a 1-D CPU tensor of params.size() (fp64 for fp64 params, else fp32); NaN where
 /// `found_inf` skipped the step.
 at::Tensor lamb_(

@@ -72,7 +72,9 @@ struct LAMBOptions : public torch::optim::OptimizerCloneableOptions<LAMBOptions>
 /// weight decay is non-zero or `always_adapt` is set, and never with `lars_exclude`; else it
 /// steps as AdamW (r = 1). The state of each parameter is torch::optim::AdamW's
 /// (AdamWParamState: step, exp_avg, exp_avg_sq), and the archive is one that a plain
-/// torch::optim::AdamW loads. Sparse gradients are refused, before anything is written.
+/// torch::optim::AdamW loads. Sparse gradients are refused, before anything is written. As the
+/// fused operator does (lars/fused.h), an adapted fp32 or fp64 CPU step leaves each parameter's
+/// update u in its grad(); zero_grad() before the next backward, as usual.
 class LAMB : public torch::optim::Optimizer {
  public:
   explicit LAMB(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, LAMBOptions defaults = {});
