@@ -5,7 +5,8 @@
    against ``torch.optim.AdamW(fused=True)`` and ``AdamW(foreach=True)``, on ResNet-50's parameters
    (``param_sets.resnet50_shapes``) and a BERT-style encoder's (:func:`bert_shapes`), fp32 and bf16, at
    1 and 2 threads. All step the same parameters and gradients (set once: the values do not change
-   the work), each with its own state; interleaved rounds, medians, and ratios to the fastest AdamW
+   the work, and fused LAMB's update, which it leaves in the fp32 gradients, is of ordinary size),
+   each with its own state; interleaved rounds, medians, and ratios to the fastest AdamW
    taken round by round, with their interquartile range.
 
    The memory floor: AdamW reads w, g, m, v and writes w, m, v (7 passes over the parameters'
@@ -167,7 +168,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["resnet50", "bert"])
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--no-trap", action="store_true", help="skip the LARS(Adam) training runs")
-    parser.add_argument("--out", type=pathlib.Path, default=BENCH_DIR / "results" / "lamb_cpu.md")
+    parser.add_argument("--out", default=str(BENCH_DIR / "results" / "lamb_cpu.md"),
+                        help="'-' for stdout only")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -208,13 +210,16 @@ def main() -> None:
                          + " | ".join(f"{x:.4f}" for x in trap[trust_ratio]) + " |")
         trap["adam"] = [final_loss("paper", None)]
         lines += [f"| `Adam` alone | {trap['adam'][0]:.4f} | | |", ""]
-    args.out.write_text("\n".join(lines))
-    args.out.with_suffix(".json").write_text(json.dumps(
+    print("\n".join(lines))
+    if args.out == "-":
+        return
+    out = pathlib.Path(args.out)
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(
         {"command": f"python {' '.join(sys.argv)}", "date": now, "torch": torch.__version__,
          "floor": {"adamw_passes": ADAMW_PASSES, "lamb_passes": LAMB_PASSES}, "step": results, "trap": trap},
         indent=1) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ def test_every_cpu_capability_gives_the_same_bits(tmp_path):
 
 def test_a_step_does_not_depend_on_the_thread_count():
     # The norms' partial sums are added in an order fixed by the sizes; each chunk's u is kept
-    # at its own place of the batch's scratch whichever thread makes it.
+    # in its own place of the gradient whichever thread makes it.
     inputs = [[torch.randn(shape) * 3 for shape in SHAPES + [(5 * 2**14 + 3,)]]]
     inputs.append([torch.randn(p.shape) * 0.1 for p in inputs[0]])
     threads = torch.get_num_threads()

@@ -161,24 +161,20 @@ C10_ALWAYS_INLINE void for_each_block(int64_t begin, int64_t end, const Block& b
   }
 }
 
-// A run of consecutive elements of one tensor, and where it starts among the elements of its
-// batch (two_passes), for a kernel that keeps per-element scratch for a batch.
+// A run of consecutive elements of one tensor.
 struct Chunk {
   int64_t tensor;
   int64_t begin;
   int64_t end;
-  int64_t in_batch;
 };
 
 // The chunks of tensors [first, last), in order.
 inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& numels, int64_t first, int64_t last) {
   std::vector<Chunk> chunks;
-  int64_t in_batch = 0;
   for (int64_t i = first; i < last; ++i) {
     for (int64_t begin = 0; begin < numels[i]; begin += kChunkNumel) {
-      chunks.push_back({i, begin, std::min(begin + kChunkNumel, numels[i]), in_batch + begin});
+      chunks.push_back({i, begin, std::min(begin + kChunkNumel, numels[i])});
     }
-    in_batch += numels[i];
   }
   return chunks;
 }
