@@ -136,49 +136,43 @@ std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> moments_and_squa
   return {param_sum.total(), update_sum.total()};
 }
 
-// Pass 2 of an adapted step over a chunk: w = w - (lr * r) * u, u read back from g where pass 1
-// left it there, else made again from m and v (by the same function: the same bits).
+// w = w - (lr * r) * u over a chunk: pass 2 of an adapted step, with u read back from g where
+// pass 1 left it there, else made again from m and v (by the same function: the same bits); or,
+// `with_moments`, the one pass of a step that is not adapted (r = 1, AdamW's step), which
+// updates m and v first.
 template <typename scalar_t>
 void update_chunk(
     const LambSlot& slot,
     const Chunk& chunk,
     at::opmath_type<scalar_t> step_size,
-    const LambConstants<scalar_t>& k) {
-  using Vec = typename Lanes<scalar_t>::Vec;
-  scalar_t* param = mutable_data_of<scalar_t>(slot.param);
-  const scalar_t* grad = data_of<scalar_t>(slot.grad);
-  const scalar_t* exp_avg = data_of<scalar_t>(slot.exp_avg);
-  const scalar_t* exp_avg_sq = data_of<scalar_t>(slot.exp_avg_sq);
-  const Vec step(step_size);
-  for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
-    const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
-    const Lanes<scalar_t> u = slot.update_in_grad
-        ? Lanes<scalar_t>::load(grad + i, count)
-        : lamb_update(Lanes<scalar_t>::load(exp_avg + i, count), Lanes<scalar_t>::load(exp_avg_sq + i, count), w, k);
-    map(w, u, [&](const Vec& w_, const Vec& u_) { return w_ - u_ * step; }).store(param + i, count);
-  });
-}
-
-// A step that is not adapted (r = 1) over a chunk: AdamW's, in one pass. The same bits as the
-// two passes would give: u from m and v as they are stored.
-template <typename scalar_t>
-void adamw_chunk(
-    const LambSlot& slot,
-    const Chunk& chunk,
-    at::opmath_type<scalar_t> step_size,
-    const LambConstants<scalar_t>& k) {
+    const LambConstants<scalar_t>& k,
+    bool with_moments) {
   using Vec = typename Lanes<scalar_t>::Vec;
   scalar_t* param = mutable_data_of<scalar_t>(slot.param);
   const scalar_t* grad = data_of<scalar_t>(slot.grad);
   scalar_t* exp_avg = mutable_data_of<scalar_t>(slot.exp_avg);
   scalar_t* exp_avg_sq = mutable_data_of<scalar_t>(slot.exp_avg_sq);
   const Vec step(step_size);
-  for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
-    const auto [m, v] = update_moments(grad, exp_avg, exp_avg_sq, i, count, k);
-    const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
-    map(w, lamb_update(m, v, w, k), [&](const Vec& w_, const Vec& u_) { return w_ - u_ * step; })
-        .store(param + i, count);
-  });
+  // One loop per source of u, so that no test is made per block.
+  const auto write = [&](const auto& make_update) {
+    for_each_block(chunk.begin, chunk.end, [&](int64_t i, auto count) {
+      const Lanes<scalar_t> w = Lanes<scalar_t>::load(param + i, count);
+      map(w, make_update(i, count, w), [&](const Vec& w_, const Vec& u_) { return w_ - u_ * step; })
+          .store(param + i, count);
+    });
+  };
+  if (with_moments) {
+    write([&](int64_t i, auto count, const Lanes<scalar_t>& w) {
+      const auto [m, v] = update_moments(grad, exp_avg, exp_avg_sq, i, count, k);
+      return lamb_update(m, v, w, k);
+    });
+  } else if (slot.update_in_grad) {
+    write([&](int64_t i, auto count, const Lanes<scalar_t>&) { return Lanes<scalar_t>::load(grad + i, count); });
+  } else {
+    write([&](int64_t i, auto count, const Lanes<scalar_t>& w) {
+      return lamb_update(Lanes<scalar_t>::load(exp_avg + i, count), Lanes<scalar_t>::load(exp_avg_sq + i, count), w, k);
+    });
+  }
 }
 
 template <typename scalar_t>
@@ -200,7 +194,7 @@ void lamb_typed(
     const auto step_size = static_cast<opmath_t>(options.lr());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        adamw_chunk<scalar_t>(slots[chunks[c].tensor], chunks[c], step_size, constants[chunks[c].tensor]);
+        update_chunk<scalar_t>(slots[chunks[c].tensor], chunks[c], step_size, constants[chunks[c].tensor], true);
       }
     });
     for (const auto i : c10::irange(static_cast<int64_t>(slots.size()))) {
@@ -222,7 +216,7 @@ void lamb_typed(
         return static_cast<opmath_t>(options.lr() * ratio);
       },
       [&](const Chunk& chunk, opmath_t step_size) {
-        update_chunk<scalar_t>(slots[chunk.tensor], chunk, step_size, constants[chunk.tensor]);
+        update_chunk<scalar_t>(slots[chunk.tensor], chunk, step_size, constants[chunk.tensor], false);
       });
 }
 
