@@ -64,7 +64,12 @@ def bert_shapes(hidden: int = 768, layers: int = 6, vocab: int = 30522, position
     return shapes
 
 
-SETS = {"resnet50": resnet50_shapes, "bert": bert_shapes}
+def embedding_shapes() -> list[tuple[int, ...]]:
+    """BERT's word embedding alone: the largest single tensor of the BERT-style set."""
+    return [(30522, 768)]
+
+
+SETS = {"resnet50": resnet50_shapes, "bert": bert_shapes, "embedding": embedding_shapes}
 
 
 def fused_lamb_installed() -> bool:
