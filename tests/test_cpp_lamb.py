@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from torchlars._functional import LAMBSettings
-from torchlars_extension import import_extension
+from torchlars_extension import assert_same_bits_on_every_cpu_capability, import_extension
 
 
 def step_lamb(implementation, params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, grad_scale=None,
@@ -322,23 +322,10 @@ def _lamb_steps_on(inputs):
 def test_every_cpu_capability_gives_the_same_bits(tmp_path):
     # As the LARS kernel (tests/test_ops.py): the default, AVX2 and AVX-512 builds of the loops
     # sum in the same lanes without fused multiply-adds, so they give the same numbers.
-    import os
-    import subprocess
-    import sys
-
     generator = torch.Generator().manual_seed(0)  # made here: torch.randn depends on the capability
     params = [torch.randn(shape, generator=generator) * 3 for shape in SHAPES]
     inputs = [params, [torch.randn(p.shape, generator=generator) * 0.1 for p in params]]
-    torch.save(inputs, tmp_path / "inputs.pt")
-    native = _lamb_steps_on(inputs)
-    run = ("import sys, torch; sys.path.insert(0, sys.argv[3]); from test_cpp_lamb import _lamb_steps_on; "
-           "torch.save(_lamb_steps_on(torch.load(sys.argv[1])), sys.argv[2])")
-    for capability in ("default", "avx2"):
-        path = tmp_path / f"{capability}.pt"
-        subprocess.run([sys.executable, "-c", run, str(tmp_path / "inputs.pt"), str(path), os.path.dirname(__file__)],
-                       env=dict(os.environ, ATEN_CPU_CAPABILITY=capability), check=True)
-        for actual, expected in zip(torch.load(path), native):
-            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_same_bits_on_every_cpu_capability(_lamb_steps_on, inputs, tmp_path)
 
 
 def test_a_step_does_not_depend_on_the_thread_count():

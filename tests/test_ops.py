@@ -13,7 +13,7 @@ import torchlars
 from torchlars import LARS
 from torchlars._dispatch import lars_scale_gradients_
 from torchlars._functional import LARSSettings
-from torchlars_extension import import_extension
+from torchlars_extension import assert_same_bits_on_every_cpu_capability, import_extension
 
 ops = import_extension("torchlars.ops")
 
@@ -445,24 +445,11 @@ def test_every_cpu_capability_gives_the_same_bits(tmp_path):
     # liblars builds the kernel for the default, AVX2 and AVX-512 instruction sets and runs the
     # one torch runs (ATEN_CPU_CAPABILITY picks it). Same lanes, no fused multiply-adds: the
     # same numbers, so a run resumed on another machine continues as it would have.
-    import os
-    import subprocess
-    import sys
-
     generator = torch.Generator().manual_seed(0)  # made here: torch.randn depends on the capability
     params = [torch.randn(shape, generator=generator) for shape in [(130, 129), (7,), (33,)]]
     inputs = [params, [torch.randn(p.shape, generator=generator) * 0.1 for p in params],
               [torch.randn(p.shape, generator=generator) for p in params]]
-    torch.save(inputs, tmp_path / "inputs.pt")
-    native = _fused_steps_on(inputs)  # this machine's best build, AVX-512 here
-    run = ("import sys, torch; sys.path.insert(0, sys.argv[3]); from test_ops import _fused_steps_on; "
-           "torch.save(_fused_steps_on(torch.load(sys.argv[1])), sys.argv[2])")
-    for capability in ("default", "avx2"):
-        path = tmp_path / f"{capability}.pt"
-        subprocess.run([sys.executable, "-c", run, str(tmp_path / "inputs.pt"), str(path), os.path.dirname(__file__)],
-                       env=dict(os.environ, ATEN_CPU_CAPABILITY=capability), check=True)
-        for actual, expected in zip(torch.load(path), native):
-            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_same_bits_on_every_cpu_capability(_fused_steps_on, inputs, tmp_path)
 
 
 # --- trust_ratio="decayed" and the trust_ratios out argument ----------------------------
